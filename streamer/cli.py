@@ -1,0 +1,135 @@
+"""Command line: ``streamer run | broker | demo | bench`` (``python -m streamer`` too)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from streamer import __version__
+from streamer.config import ConfigError, load_config
+
+EPILOG = """\
+configuration:
+  A YAML file (see configs/) whose keys can each be overridden from the environment with the
+  STREAMER_ prefix and __ between levels, e.g. STREAMER_KAFKA__BOOTSTRAP_SERVERS=host:9092.
+
+examples:
+  streamer broker                               # embedded broker for local development
+  streamer run --config configs/minilm.yaml     # the service, until SIGTERM/SIGINT
+  streamer demo                                 # broker + 1,000 sentences + MiniLM, a summary
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streamer",
+        description="Kafka-native streaming inference for Hugging Face transformer models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"streamer {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the service in the foreground until SIGTERM/SIGINT",
+        description="Consume, batch, infer, publish and commit until SIGTERM or SIGINT, then "
+        "drain in-flight work, commit and leave the group within runtime.shutdown_grace_s.",
+    )
+    run.add_argument("--config", "-c", type=Path, help="YAML config file (default: built-ins)")
+    run.add_argument("--check", action="store_true", help="validate the config, print it, exit")
+
+    broker = sub.add_parser(
+        "broker",
+        help="run the embedded Kafka-compatible broker (tansu) for local development",
+        description="Start the embedded broker on loopback, create topics, print the bootstrap "
+        "address and run until Ctrl-C. Memory storage: topics vanish when it stops.",
+    )
+    broker.add_argument("--port", type=int, default=9092, help="port (0 = any free; default 9092)")
+    broker.add_argument(
+        "--topic",
+        action="append",
+        default=[],
+        metavar="NAME[:PARTITIONS]",
+        help="create a topic (repeatable; default: texts:4, texts.embeddings:4, texts.dlq:1)",
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        help="embedded broker + sample sentences + MiniLM end to end, then a summary",
+        description="Start the embedded broker, create topics, produce sample sentences, run "
+        "the pipeline with the bundled all-MiniLM-L6-v2 and print records/s, latency and a "
+        "sample result. What `make demo` runs.",
+    )
+    demo.add_argument("--records", type=int, default=1000, help="sentences to produce (1000)")
+    demo.add_argument("--model-path", type=Path, help="model dir (default: bundled MiniLM)")
+    demo.add_argument("--batch-size", type=int, default=64, help="batching.max_batch_size")
+
+    bench = sub.add_parser(
+        "bench",
+        help="offline model vs streamer end to end vs a per-record consumer",
+        description="One run on the same records and model: the model alone offline "
+        "(length-sorted batches), streamer end to end through the embedded broker, and a naive "
+        "consumer that runs the model once per record. Prints a table, writes JSON.",
+    )
+    bench.add_argument("--records", type=int, default=2000)
+    bench.add_argument(
+        "--naive-records",
+        type=int,
+        default=300,
+        help="records for the per-record consumer (it is slow)",
+    )
+    bench.add_argument("--model-path", type=Path, help="model dir (default: bundled MiniLM)")
+    bench.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "broker":
+            from streamer.devtools import run_broker
+
+            return run_broker(args.port, args.topic)
+        if args.command == "demo":
+            from streamer.demo import run_demo
+
+            return run_demo(args.records, args.model_path, args.batch_size)
+        if args.command == "bench":
+            from streamer.bench import run_bench
+
+            return run_bench(args)
+    except ConfigError as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from streamer.logs import setup_logging
+
+    cfg = load_config(args.config)
+    cfg.require_model_path()
+    if args.check:
+        print(cfg.model_dump_json(indent=2))
+        return 0
+    setup_logging(cfg.log.level, cfg.log.json_format)
+    from streamer.app import serve
+
+    try:
+        return asyncio.run(serve(cfg))
+    except Exception as exc:
+        logging.getLogger("streamer").error("fatal: %s: %s", type(exc).__name__, exc)
+        return 1

@@ -1,0 +1,139 @@
+"""The consume stage: an aiokafka group member with manual commits and a rebalance listener.
+
+Nothing here decides *what* to commit: :mod:`streamer.offsets` does. This module turns fetched
+messages into :class:`~streamer.records.InputRecord` s, pauses and resumes partitions for
+backpressure, and forwards rebalance events to the pipeline, awaiting its revoke handler so
+that in-flight work of a revoked partition is finished and committed before it is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import TopicPartition as KafkaTP
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from streamer.config import KafkaConfig
+from streamer.kafka_client import consumer_kwargs
+from streamer.records import InputRecord, TopicPartition
+
+log = logging.getLogger(__name__)
+
+PartitionsHandler = Callable[[list[TopicPartition]], Awaitable[None]]
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, on_revoked: PartitionsHandler, on_assigned: PartitionsHandler) -> None:
+        self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
+
+    async def on_partitions_revoked(self, revoked: set[KafkaTP]) -> None:
+        await self._on_revoked(sorted(TopicPartition(t.topic, t.partition) for t in revoked))
+
+    async def on_partitions_assigned(self, assigned: set[KafkaTP]) -> None:
+        await self._on_assigned(sorted(TopicPartition(t.topic, t.partition) for t in assigned))
+
+
+class Consumer:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        *,
+        on_revoked: PartitionsHandler,
+        on_assigned: PartitionsHandler,
+    ) -> None:
+        self._cfg = cfg
+        self._listener = _Listener(on_revoked, on_assigned)
+        self._consumer: AIOKafkaConsumer | None = None
+        self.paused = False
+        self.rebalances = 0
+
+    async def start(self) -> None:
+        """Connect and subscribe; the group join follows in aiokafka's coordinator task."""
+        backoff = self._cfg.retry_backoff_ms / 1000
+        while True:
+            consumer = AIOKafkaConsumer(**consumer_kwargs(self._cfg))
+            consumer.subscribe(self._cfg.input_topics, listener=self._listener)
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                await consumer.stop()
+                if not getattr(exc, "retriable", False):
+                    raise
+                log.warning(
+                    "consumer cannot reach Kafka at %s (%s); retrying in %.1fs",
+                    self._cfg.bootstrap_servers,
+                    exc,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._cfg.max_retry_backoff_ms / 1000)
+                continue
+            self._consumer = consumer
+            return
+
+    @property
+    def client(self) -> AIOKafkaConsumer:
+        assert self._consumer is not None, "start() first"
+        return self._consumer
+
+    async def fetch(self, max_records: int, timeout_ms: int) -> list[InputRecord]:
+        batches = await self.client.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        now = time.monotonic()
+        out: list[InputRecord] = []
+        for msgs in batches.values():
+            for m in msgs:
+                out.append(
+                    InputRecord(
+                        topic=m.topic,
+                        partition=m.partition,
+                        offset=m.offset,
+                        key=m.key,
+                        value=m.value,
+                        headers=list(m.headers or ()),
+                        timestamp_ms=m.timestamp,
+                        fetched_at=now,
+                    )
+                )
+        return out
+
+    def assignment(self) -> list[TopicPartition]:
+        return sorted(TopicPartition(t.topic, t.partition) for t in self.client.assignment())
+
+    def pause_all(self) -> None:
+        tps = list(self.client.assignment())
+        if tps:
+            self.client.pause(*tps)
+        self.paused = True
+
+    def resume_all(self) -> None:
+        tps = list(self.client.paused())
+        if tps:
+            self.client.resume(*tps)
+        self.paused = False
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The high watermark from the last fetch response (right even where ListOffsets isn't)."""
+        return self.client.highwater(KafkaTP(tp.topic, tp.partition))
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit ``offsets`` (next offset to read). False if the group moved on meanwhile."""
+        if not offsets:
+            return True
+        try:
+            await self.client.commit(
+                {KafkaTP(tp.topic, tp.partition): o for tp, o in offsets.items()}
+            )
+        except CommitFailedError as exc:
+            log.warning("commit refused (the group rebalanced); will be redone: %s", exc)
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Leave the group (the next member gets the partitions without waiting a timeout)."""
+        if self._consumer is not None:
+            await self._consumer.stop()

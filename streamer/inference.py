@@ -1,0 +1,158 @@
+"""The inference stage: one dedicated thread owns the model; another tokenizes and serialises.
+
+The inference thread sets torch's thread counts and (optionally) its CPU affinity once, when it
+starts, then loads the model and warms it up, all before the consumer joins the group. The event
+loop only awaits futures from these threads, so heartbeats keep flowing while a batch runs.
+
+A batch that fails is split in halves until the failing record(s) are found: only those become
+:class:`~streamer.records.InferenceFailed`; the rest still get results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from streamer.config import RuntimeConfig
+from streamer.model import TextModel
+from streamer.records import InferenceFailed, RecordError, TokenizationFailed
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+Outcome = dict[str, Any] | RecordError
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class InferenceWorker:
+    """Owns the model and the two worker threads. ``start()`` loads and warms up."""
+
+    def __init__(
+        self,
+        model_factory: Callable[[], TextModel],
+        runtime: RuntimeConfig,
+        *,
+        warmup_batch_size: int = 64,
+        warmup_batch_tokens: int = 8192,
+    ) -> None:
+        self._factory = model_factory
+        self._runtime = runtime
+        self._warmup = (warmup_batch_size, warmup_batch_tokens)
+        self._infer_pool: ThreadPoolExecutor | None = None
+        self._cpu_pool: ThreadPoolExecutor | None = None
+        self.model: TextModel | None = None
+        self.busy_since: float | None = None  # monotonic start of the running batch
+        self.thread_ident: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _init_infer_thread(self) -> None:
+        import torch
+
+        rt = self._runtime
+        cores = rt.cpu_affinity
+        if cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, set(cores))  # pid 0 = this thread on Linux
+        threads = rt.torch_threads or (len(cores) if cores else _usable_cores())
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(rt.torch_interop_threads)
+        except RuntimeError:  # already set (a second service in one process, tests)
+            pass
+        self.thread_ident = threading.get_ident()
+        log.info(
+            "inference thread: torch threads=%d interop=%d affinity=%s",
+            torch.get_num_threads(),
+            torch.get_num_interop_threads(),
+            cores or "all",
+        )
+
+    async def start(self) -> TextModel:
+        self._infer_pool = ThreadPoolExecutor(
+            1, thread_name_prefix="streamer-infer", initializer=self._init_infer_thread
+        )
+        self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="streamer-cpu")
+        self.model = await self.run_infer(self._load)
+        return self.model
+
+    def _load(self) -> TextModel:
+        model = self._factory()
+        load = getattr(model, "load", None)
+        if load is not None:
+            load()
+        model.warmup(*self._warmup)
+        return model
+
+    async def stop(self) -> None:
+        for pool in (self._cpu_pool, self._infer_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- threads ------------------------------------------------------------------------------
+    async def run_infer(self, fn: Callable[..., R], *args: Any) -> R:
+        assert self._infer_pool is not None, "start() first"
+        return await asyncio.get_running_loop().run_in_executor(self._infer_pool, fn, *args)
+
+    async def run_cpu(self, fn: Callable[..., R], *args: Any) -> R:
+        assert self._cpu_pool is not None, "start() first"
+        return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, fn, *args)
+
+    def stuck_for(self) -> float:
+        """Seconds the current batch has been running (0 when idle)."""
+        started = self.busy_since
+        return 0.0 if started is None else time.monotonic() - started
+
+    # -- stages -------------------------------------------------------------------------------
+    async def tokenize(self, texts: list[str]) -> list[Any]:
+        """Encodings, or a TokenizationFailed per record that could not be encoded."""
+        return await self.run_cpu(self._tokenize_sync, texts)
+
+    def _tokenize_sync(self, texts: list[str]) -> list[Any]:
+        model = self.model
+        assert model is not None
+        try:
+            return list(model.tokenize(texts))
+        except Exception:  # isolate the bad text(s): encode one by one
+            out: list[Any] = []
+            for text in texts:
+                try:
+                    out.append(model.tokenize([text])[0])
+                except Exception as exc:
+                    out.append(TokenizationFailed(f"tokenizer failed: {type(exc).__name__}: {exc}"))
+            return out
+
+    async def infer(self, batch: list[list[int]]) -> list[Outcome]:
+        """One outcome per row: a result dict, or InferenceFailed for rows at fault."""
+        return await self.run_infer(self._infer_sync, batch)
+
+    def _infer_sync(self, batch: list[list[int]]) -> list[Outcome]:
+        model = self.model
+        assert model is not None
+        self.busy_since = time.monotonic()
+        try:
+            return self._bisect(model, batch)
+        finally:
+            self.busy_since = None
+
+    def _bisect(self, model: TextModel, batch: list[list[int]]) -> list[Outcome]:
+        try:
+            out = model.forward(batch)
+            return list(model.postprocess(out, len(batch)))
+        except Exception as exc:
+            if len(batch) == 1:
+                log.warning("inference failed for one record: %s: %s", type(exc).__name__, exc)
+                return [
+                    InferenceFailed(f"model failed on this record: {type(exc).__name__}: {exc}")
+                ]
+            mid = len(batch) // 2
+            return self._bisect(model, batch[:mid]) + self._bisect(model, batch[mid:])

@@ -1,0 +1,62 @@
+"""Connection settings shared by the consumer, the producer and the admin client.
+
+Secrets (SASL password, key password) are resolved here, when a client is built, and never
+logged: the config holds them as ``SecretStr`` or as file paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamer.config import KafkaConfig
+
+
+def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+    sec = cfg.security
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers,
+        "client_id": cfg.client_id,
+        "request_timeout_ms": cfg.request_timeout_ms,
+        "retry_backoff_ms": cfg.retry_backoff_ms,
+        "security_protocol": sec.protocol,
+    }
+    if sec.protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        ctx = create_ssl_context(
+            cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None,
+            certfile=str(sec.ssl_certfile) if sec.ssl_certfile else None,
+            keyfile=str(sec.ssl_keyfile) if sec.ssl_keyfile else None,
+            password=sec.ssl_key_password.get_secret_value() if sec.ssl_key_password else None,
+        )
+        ctx.check_hostname = sec.ssl_check_hostname
+        kwargs["ssl_context"] = ctx
+    if sec.protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = sec.sasl_mechanism
+        kwargs["sasl_plain_username"] = sec.sasl_username
+        kwargs["sasl_plain_password"] = sec.password()
+    return kwargs
+
+
+def consumer_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+    return {
+        **client_kwargs(cfg),
+        "group_id": cfg.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": cfg.auto_offset_reset,
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
+        "max_poll_interval_ms": cfg.max_poll_interval_ms,
+        "rebalance_timeout_ms": cfg.max_poll_interval_ms,
+        "isolation_level": "read_committed",
+    }
+
+
+def producer_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+    return {
+        **client_kwargs(cfg),
+        "acks": "all",
+        "enable_idempotence": cfg.enable_idempotence,
+        "linger_ms": cfg.linger_ms,
+        "max_request_size": cfg.max_request_size,
+    }

@@ -1,0 +1,438 @@
+"""The pipeline: fetch → decode → tokenize → batch → infer → publish → commit.
+
+Each stage is one owned task; stages are linked by small bounded queues so tokenization and
+serialisation overlap inference. Any task that fails fails the pipeline (no vanishing errors).
+
+Invariants (the reason for most of the code below):
+
+* every fetched record is tracked before work starts and is done only when the broker acked
+  its result or its DLQ copy; commits never pass an outstanding record;
+* a bad record goes to the DLQ and the stream goes on;
+* at most ``batching.max_in_flight`` records are held: past that, partitions are paused;
+* on revoke, waiting work of the revoked partitions is dropped (not committed), running work
+  finishes, then their offsets are committed — before the partitions are released;
+* on stop, fetching stops, everything in flight drains, the producer is flushed, offsets are
+  committed — all within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from streamer.batcher import Batcher, BatcherClosed
+from streamer.codec import Decoder, dlq_headers, encode_result, result_headers
+from streamer.config import StreamerConfig
+from streamer.consumer import Consumer
+from streamer.inference import InferenceWorker, Outcome
+from streamer.model import Encoded
+from streamer.offsets import OffsetTracker
+from streamer.publisher import Outgoing, Publisher
+from streamer.records import (
+    InputRecord,
+    Job,
+    ModelInfo,
+    RecordError,
+    ResultTooLarge,
+    TextTooLong,
+    TopicPartition,
+)
+from streamer.telemetry import Telemetry
+from streamer.tracecontext import child_traceparent
+
+log = logging.getLogger(__name__)
+
+_DONE = object()  # end-of-stream marker on the stage queues
+
+
+class PipelineFailed(RuntimeError):
+    """A stage failed in a way that must stop the service (offsets stay uncommitted)."""
+
+
+@dataclass(slots=True)
+class _Inferred:
+    jobs: list[Job]
+    outcomes: list[Outcome]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        cfg: StreamerConfig,
+        *,
+        worker: InferenceWorker,
+        publisher: Publisher,
+        telemetry: Telemetry,
+    ) -> None:
+        self.cfg = cfg
+        self.worker = worker
+        self.publisher = publisher
+        self.telemetry = telemetry
+        self.tracker = OffsetTracker()
+        self.decoder = Decoder(cfg.input)
+        self.consumer = Consumer(
+            cfg.kafka, on_revoked=self._on_revoked, on_assigned=self._on_assigned
+        )
+        b = cfg.batching
+        self.batcher: Batcher[Job] = Batcher(
+            max_batch_size=b.max_batch_size,
+            max_batch_tokens=b.max_batch_tokens,
+            max_wait_ms=b.max_wait_ms,
+            length_of=lambda job: job.n_tokens,
+            upstream_idle=self._upstream_idle,
+        )
+        self._tokenize_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        self._publish_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
+        self._tokenizing = 0
+        self._revoking: set[TopicPartition] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
+        self._commit_wanted = asyncio.Event()
+        self.joined = asyncio.Event()  # first assignment received
+        self.model_info: ModelInfo | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Join the group (the model must already be loaded and warm) and start the stages."""
+        model = self.worker.model
+        assert model is not None, "load the model before joining the group"
+        self.model_info = model.info
+        await self.consumer.start()
+        for name, coro in (
+            ("fetch", self._fetch_loop()),
+            ("tokenize", self._tokenize_loop()),
+            ("infer", self._infer_loop()),
+            ("publish", self._publish_loop()),
+            ("commit", self._commit_loop()),
+        ):
+            self._own(name, coro)
+
+    def _own(self, name: str, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"streamer-{name}")
+        task.add_done_callback(lambda t, n=name: self._task_done(n, t))
+        self._tasks[name] = task
+
+    def _task_done(self, name: str, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.fail(PipelineFailed(f"stage '{name}' failed: {type(exc).__name__}: {exc}"), exc)
+
+    def fail(self, exc: BaseException, cause: BaseException | None = None) -> None:
+        if self._failure is None:
+            if cause is not None:
+                exc.__cause__ = cause
+            self._failure = exc
+            log.error("%s", exc, exc_info=cause or exc)
+        self._failed.set()
+
+    async def wait_failed(self) -> BaseException:
+        await self._failed.wait()
+        assert self._failure is not None
+        return self._failure
+
+    async def drain_and_stop(self, grace_s: float) -> bool:
+        """Stop fetching, finish everything in flight, flush, commit. True if fully drained."""
+        deadline = time.monotonic() + grace_s
+        fetch = self._tasks.get("fetch")
+        if fetch is not None:
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetch
+        drained = False
+        if self._failure is None:
+            await self._put_done(self._tokenize_q)
+            stages = [self._tasks[n] for n in ("tokenize", "infer", "publish") if n in self._tasks]
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*stages, self.tracker.wait_below(1)),
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
+                drained = True
+            except TimeoutError:
+                log.warning(
+                    "shutdown grace period ran out with %d records in flight; they stay "
+                    "uncommitted and will be processed again",
+                    self.tracker.in_flight,
+                )
+            except Exception:  # a stage failed while draining: its error is in _failure
+                pass
+        for name in ("tokenize", "infer", "publish", "commit"):
+            task = self._tasks.get(name)
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        try:
+            await asyncio.wait_for(
+                self.publisher.flush(), timeout=max(0.1, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            log.warning("producer flush did not finish within the grace period")
+        await self._commit()
+        await self.consumer.stop()
+        return drained
+
+    # -- fetch + decode (the main loop) ---------------------------------------------------------
+    def _upstream_idle(self) -> bool:
+        return self._tokenize_q.empty() and self._tokenizing == 0
+
+    async def _fetch_loop(self) -> None:
+        kcfg, bcfg = self.cfg.kafka, self.cfg.batching
+        keepalive_s = kcfg.max_poll_interval_ms / 3000
+        while True:
+            room = bcfg.max_in_flight - self.tracker.in_flight
+            if room <= 0:
+                if not self.consumer.paused:
+                    self.consumer.pause_all()
+                    log.debug("paused: %d records in flight", self.tracker.in_flight)
+                try:
+                    await asyncio.wait_for(
+                        self.tracker.wait_below(max(1, bcfg.max_in_flight // 2)), keepalive_s
+                    )
+                except TimeoutError:
+                    room = 0  # keep the poll interval alive below
+                else:
+                    continue
+            elif self.consumer.paused:
+                self.consumer.resume_all()
+            records = await self.consumer.fetch(
+                max_records=max(1, min(room, kcfg.fetch_max_records)), timeout_ms=100
+            )
+            if records:
+                jobs = self._accept(records)
+                if jobs:
+                    await self._tokenize_q.put(jobs)
+
+    def _accept(self, records: list[InputRecord]) -> list[Job]:
+        """Track and decode one fetched chunk; bad records go to the DLQ right away."""
+        self.telemetry.consumed(records)
+        jobs: list[Job] = []
+        for rec in records:
+            rec.generation = self.tracker.track(rec.tp, rec.offset)
+            try:
+                job = self.decoder.decode(rec)
+            except RecordError as err:
+                self._dead_letter(rec, err)
+                continue
+            jobs.append(job)
+        return jobs
+
+    # -- tokenize -----------------------------------------------------------------------------
+    async def _tokenize_loop(self) -> None:
+        on_too_long = self.cfg.input.on_too_long
+        while True:
+            chunk = await self._tokenize_q.get()
+            if chunk is _DONE:
+                self.batcher.close()
+                return
+            self._tokenizing += 1
+            try:
+                encs = await self.worker.tokenize([j.text for j in chunk])
+            finally:
+                self._tokenizing -= 1
+            ready: list[Job] = []
+            for job, enc in zip(chunk, encs, strict=True):
+                if isinstance(enc, RecordError):
+                    self._dead_letter(job.record, enc)
+                    continue
+                assert isinstance(enc, Encoded)
+                if enc.truncated and on_too_long == "dlq":
+                    self._dead_letter(
+                        job.record,
+                        TextTooLong(
+                            f"text is longer than model.max_length={self.worker.model.max_length} "
+                            "tokens (input.on_too_long=dlq)"
+                        ),
+                    )
+                    continue
+                job.input_ids, job.truncated = enc.ids, enc.truncated
+                if self._is_revoking(job.record):
+                    self._abandon(job)  # its partition is being handed over
+                    continue
+                ready.append(job)
+            self.batcher.put_many(ready)
+            self.batcher.poke()
+
+    def _abandon(self, job: Job) -> None:
+        rec = job.record
+        self.tracker.abandon(rec.tp, rec.offset, rec.generation)
+
+    def _is_revoking(self, rec: InputRecord) -> bool:
+        if rec.tp in self._revoking:
+            return True
+        return self.tracker.generation(rec.tp) != rec.generation
+
+    # -- infer --------------------------------------------------------------------------------
+    async def _infer_loop(self) -> None:
+        while True:
+            try:
+                batch = await self.batcher.next_batch()
+            except BatcherClosed:
+                await self._put_done(self._publish_q)
+                return
+            kept = []
+            for job in batch:
+                if self._is_revoking(job.record):
+                    self._abandon(job)
+                else:
+                    kept.append(job)
+            batch = kept
+            if not batch:
+                continue
+            ids = [j.input_ids or [] for j in batch]
+            tokens = sum(len(x) for x in ids)
+            self.telemetry.batch(len(ids), tokens, len(ids) * max(len(x) for x in ids))
+            outcomes = await self.worker.infer(ids)
+            await self._publish_q.put(_Inferred(batch, outcomes))
+
+    # -- publish ------------------------------------------------------------------------------
+    async def _publish_loop(self) -> None:
+        while True:
+            item = await self._publish_q.get()
+            if item is _DONE:
+                return
+            model = self.model_info
+            assert model is not None
+            values = await self.worker.run_cpu(_encode_all, item.jobs, item.outcomes, model)
+            for job, value in zip(item.jobs, values, strict=True):
+                if isinstance(value, RecordError):
+                    self._dead_letter(job.record, value)
+                    continue
+                await self._publish_result(job, value)
+
+    async def _publish_result(self, job: Job, value: bytes) -> None:
+        rec = job.record
+        headers = result_headers(child_traceparent(job.traceparent), job.tracestate)
+
+        def delivered() -> None:
+            if self.tracker.done(rec.tp, rec.offset, rec.generation):
+                self.telemetry.published(rec)
+                self._commit_wanted.set()
+
+        def rejected(exc: BaseException) -> None:
+            self._dead_letter(
+                rec,
+                ResultTooLarge(
+                    f"result of {len(value)} bytes was rejected by the broker ({type(exc).__name__}); "
+                    "raise the output topic's max.message.bytes and kafka.max_request_size"
+                ),
+            )
+
+        await self.publisher.send(
+            Outgoing(self.cfg.kafka.output_topic, rec.key, value, headers, delivered, rejected)
+        )
+
+    def _dead_letter(self, rec: InputRecord, err: RecordError) -> None:
+        log.info(
+            "dead-lettering %s: %s (%s, stage %s)",
+            rec.where(),
+            err.message,
+            err.error_class,
+            err.stage,
+        )
+
+        def delivered() -> None:
+            if self.tracker.done(rec.tp, rec.offset, rec.generation):
+                self.telemetry.dead_lettered(rec, err)
+                self._commit_wanted.set()
+
+        def rejected(exc: BaseException) -> None:
+            # Even the DLQ refuses it (its limits are below the input's): keep the reason and
+            # headers, drop the value, so the record is accounted for and the stream goes on.
+            log.error("DLQ rejected %s (%s); sending it without its value", rec.where(), exc)
+            headers = [*dlq_headers(rec, err), ("streamer.error.value_dropped", b"true")]
+            self.publisher.send_soon(
+                Outgoing(
+                    self.cfg.kafka.dlq_topic, rec.key, None, headers, delivered, self._reject_fatal
+                )
+            )
+
+        self.publisher.send_soon(
+            Outgoing(
+                self.cfg.kafka.dlq_topic,
+                rec.key,
+                rec.value,
+                dlq_headers(rec, err),
+                delivered,
+                rejected,
+            )
+        )
+
+    def _reject_fatal(self, exc: BaseException) -> None:
+        self.fail(PipelineFailed(f"the DLQ rejected even an empty record: {exc}"), exc)
+
+    # -- commit -------------------------------------------------------------------------------
+    async def _commit_loop(self) -> None:
+        interval = self.cfg.kafka.commit_interval_ms / 1000
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            await self._commit()
+            if interval:
+                await asyncio.sleep(interval)  # rate limit: at most one commit per interval
+
+    async def _commit(self) -> None:
+        offsets = self.tracker.committable()
+        if offsets and await self.consumer.commit(offsets):
+            self.tracker.mark_committed(offsets)
+
+    # -- rebalance ------------------------------------------------------------------------------
+    async def _on_assigned(self, tps: list[TopicPartition]) -> None:
+        self.consumer.rebalances += 1
+        self.tracker.assign(tps)
+        self.consumer.paused = False  # a new assignment starts unpaused
+        log.info("assigned %s", ", ".join(map(str, tps)) or "nothing")
+        self.joined.set()
+
+    async def _on_revoked(self, tps: list[TopicPartition]) -> None:
+        if not tps:
+            return
+        self._revoking.update(tps)
+        try:
+            revoked = set(tps)
+            waiting = self.batcher.remove_if(lambda j: j.record.tp in revoked)
+            for job in waiting:  # never started: left for the next owner, not committed
+                self._abandon(job)
+            timeout = self.cfg.runtime.shutdown_grace_s
+            try:
+                await asyncio.wait_for(self.tracker.wait_below(1, tps), timeout)
+            except TimeoutError:
+                log.warning(
+                    "revoke: %d records of %s still running after %.0fs; left uncommitted",
+                    self.tracker.outstanding(tps),
+                    ", ".join(map(str, tps)),
+                    timeout,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.publisher.flush(), timeout)
+            await self._commit()
+            dropped = self.tracker.forget(tps)
+            log.info(
+                "revoked %s (%d unfinished records left to the next owner)",
+                ", ".join(map(str, tps)),
+                dropped,
+            )
+        finally:
+            self._revoking.difference_update(tps)
+
+    async def _put_done(self, q: asyncio.Queue[Any]) -> None:
+        await q.put(_DONE)
+
+
+def _encode_all(jobs: list[Job], outcomes: list[Outcome], model: ModelInfo) -> list[Any]:
+    """Serialise a batch's results (runs on the CPU worker thread, off the event loop)."""
+    out: list[Any] = []
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if isinstance(outcome, RecordError):
+            out.append(outcome)
+        else:
+            out.append(encode_result(job, outcome, model))
+    return out

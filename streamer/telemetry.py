@@ -1,0 +1,90 @@
+"""Telemetry hooks the pipeline calls at each stage.
+
+:class:`Stats` keeps in-process counters and a bounded latency sample that the demo and the
+benchmark read. Observers (Prometheus metrics, OpenTelemetry, progress bars) subscribe through
+:class:`Telemetry` so that stages call one object and never know who listens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from streamer.records import InputRecord, RecordError
+
+
+@dataclass
+class Stats:
+    consumed: int = 0
+    published: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    batch_rows: int = 0
+    batch_tokens: int = 0
+    padded_tokens: int = 0
+    dlq_reasons: Counter[str] = field(default_factory=Counter)
+    # seconds from fetch to the broker's ack of the result (bounded sample)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    started_at: float = field(default_factory=time.monotonic)
+    first_fetch_at: float | None = None
+    last_ack_at: float | None = None
+
+    def percentile(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        data = sorted(self.latencies)
+        idx = min(len(data) - 1, max(0, round(q / 100 * (len(data) - 1))))
+        return data[idx]
+
+    def throughput(self) -> float:
+        if self.first_fetch_at is None or self.last_ack_at is None:
+            return 0.0
+        span = self.last_ack_at - self.first_fetch_at
+        done = self.published + self.dead_lettered
+        return done / span if span > 0 else 0.0
+
+
+class Telemetry:
+    """The one object stages report to. Subclass-free: observers register callbacks."""
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+        self._on_done: list[Callable[[InputRecord, RecordError | None, float], None]] = []
+
+    def subscribe_done(self, fn: Callable[[InputRecord, RecordError | None, float], None]) -> None:
+        """``fn(record, error_or_None, latency_s)`` for every acknowledged output."""
+        self._on_done.append(fn)
+
+    def consumed(self, records: list[InputRecord]) -> None:
+        if records and self.stats.first_fetch_at is None:
+            self.stats.first_fetch_at = records[0].fetched_at
+        self.stats.consumed += len(records)
+
+    def batch(self, rows: int, tokens: int, padded: int) -> None:
+        s = self.stats
+        s.batches += 1
+        s.batch_rows += rows
+        s.batch_tokens += tokens
+        s.padded_tokens += padded
+
+    def published(self, record: InputRecord) -> None:
+        self._done(record, None)
+
+    def dead_lettered(self, record: InputRecord, error: RecordError) -> None:
+        self.stats.dlq_reasons[error.error_class] += 1
+        self._done(record, error)
+
+    def _done(self, record: InputRecord, error: RecordError | None) -> None:
+        now = time.monotonic()
+        s = self.stats
+        if error is None:
+            s.published += 1
+        else:
+            s.dead_lettered += 1
+        latency = now - record.fetched_at
+        s.latencies.append(latency)
+        s.last_ack_at = now
+        for fn in self._on_done:
+            fn(record, error, latency)
