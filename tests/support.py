@@ -1,0 +1,241 @@
+"""Test support: tiny models built in the test, and Kafka helpers over real TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = (
+    "the a an customer order failed arrived hello world my your our new release shipment support "
+    "team invoice mobile app security update report page outage engine subscription data "
+    "pipeline was is needs review looks great delayed again broke after fixed and nobody "
+    "answered emails which made whole happy so we rolled back deployment poison"
+).split()
+POISON_WORD = "poison"
+
+
+def build_tiny_model(
+    directory: Path,
+    *,
+    task: str = "feature-extraction",
+    seed: int = 0,
+    labels: tuple[str, ...] = ("negative", "positive"),
+    hidden: int = 32,
+    max_positions: int = 128,
+) -> Path:
+    """A random-weight BERT (2 layers, hidden 32) with a word-level vocabulary made here."""
+    import torch
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_list = SPECIALS + WORDS + [*"abcdefghijklmnopqrstuvwxyz0123456789.,!?'"]
+    vocab_list += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(vocab_list))}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_positions,
+    )
+    fast.save_pretrained(directory)
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=max_positions,
+        id2label=dict(enumerate(labels)),
+        label2id={v: k for k, v in enumerate(labels)},
+    )
+    if task == "text-classification":
+        model = BertForSequenceClassification(cfg)
+    else:
+        model = BertModel(cfg)
+    model.save_pretrained(directory)
+    return directory
+
+
+def base_config(bootstrap: str, model_path: Path, topic: str, **sections: Any) -> dict[str, Any]:
+    """A config dict for tests: unique topics/group per test, tiny model, quick batches."""
+    cfg: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": f"g-{topic}",
+            "input_topics": [topic],
+            "output_topic": f"{topic}.out",
+            "dlq_topic": f"{topic}.dlq",
+            "session_timeout_ms": 10_000,
+            "heartbeat_interval_ms": 500,
+            "commit_interval_ms": 50,
+        },
+        "model": {"name": "tiny", "version": "1", "path": str(model_path), "max_length": 64},
+        "batching": {"max_batch_size": 16, "max_wait_ms": 10, "max_batch_tokens": 1024},
+        "runtime": {"torch_threads": 1, "shutdown_grace_s": 20},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    values: list[bytes | None],
+    *,
+    keys: list[bytes | None] | None = None,
+    headers: list[list[tuple[str, bytes]]] | None = None,
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    try:
+        futs = []
+        for i, value in enumerate(values):
+            futs.append(
+                await producer.send(
+                    topic,
+                    value=value,
+                    key=keys[i] if keys else None,
+                    headers=headers[i] if headers else None,
+                )
+            )
+        await producer.flush()
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+def json_records(n: int, start: int = 0, words: int = 6) -> list[bytes]:
+    out = []
+    for i in range(start, start + n):
+        text = " ".join(WORDS[(i + j) % (len(WORDS) - 1)] for j in range(1 + (i * 7) % words))
+        out.append(orjson.dumps({"id": i, "text": text}))
+    return out
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, expect: int, timeout_s: float = 60.0, settle_s: float = 0.0
+) -> list[Any]:
+    """Read from the beginning until ``expect`` records arrived (then ``settle_s`` more)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    out: list[Any] = []
+    loop = asyncio.get_running_loop()
+    try:
+        deadline = loop.time() + timeout_s
+        while len(out) < expect and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                out.extend(msgs)
+        settle_until = loop.time() + settle_s
+        while loop.time() < settle_until:
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                out.extend(msgs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offset per partition of ``topic``."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(parts)}
+    finally:
+        await consumer.stop()
+
+
+def service_process(config_path: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m streamer run --config …`` as a separate process (its own stdout/err file)."""
+    log = open(config_path.with_suffix(".log"), "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamer", "run", "--config", str(config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+class RunningService:
+    """An in-process :class:`streamer.app.Service` for the duration of an ``async with``."""
+
+    def __init__(self, cfg: Any, **kwargs: Any) -> None:
+        from streamer.app import Service
+
+        self.service = Service(cfg, **kwargs)
+        self.exit_code: int | None = None
+        self._task: asyncio.Task[int] | None = None
+
+    async def __aenter__(self) -> RunningService:
+        await self.service.start()
+        self._task = asyncio.ensure_future(self.service.run())
+        return self
+
+    async def stop(self) -> int:
+        if self._task is None:
+            return self.exit_code or 0
+        self.service.request_stop()
+        self.exit_code = await asyncio.wait_for(self._task, 60)
+        self._task = None
+        return self.exit_code
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_done(self, n: int, timeout_s: float = 60.0) -> None:
+        """Until ``n`` outputs (results + dead letters) were acknowledged by the broker."""
+        stats = self.service.telemetry.stats
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while stats.published + stats.dead_lettered < n:
+            if loop.time() > deadline:
+                raise TimeoutError(
+                    f"only {stats.published} results + {stats.dead_lettered} DLQ of {n}"
+                )
+            if self._task is not None and self._task.done():
+                raise RuntimeError(f"service stopped early: {self._task.result()}")
+            await asyncio.sleep(0.05)
