@@ -42,26 +42,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedBroker:
     """A tansu broker process on ``host:port`` (a free port when 0)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, advertised_port: int = 0) -> None:
         self.host = host
         self.port = port
+        self.advertised_port = advertised_port  # e.g. a TCP proxy in front (tests)
         self._proc: subprocess.Popen[str] | None = None
         self._output: collections.deque[str] = collections.deque(maxlen=200)
         self._ready = threading.Event()
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.advertised_port or self.port}"
 
     def start(self, timeout_s: float = 30.0) -> str:
         binary = broker_binary()
         if not self.port:
             self.port = free_port(self.host)
         url = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.host}:{self.advertised_port or self.port}"
         # The broker reads OTEL_* itself; keep the service's tracing settings away from it.
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -21,7 +21,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 ENV_PREFIX = "STREAMER_"
 
@@ -92,7 +97,7 @@ class KafkaConfig(_Section):
         description="on for real clusters; the embedded broker has no producer ids",
     )
     linger_ms: int = Field(default=5, ge=0)
-    request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    request_timeout_ms: int = Field(default=40_000, ge=1_000)
     retry_backoff_ms: int = Field(default=200, ge=10)
     max_retry_backoff_ms: int = Field(default=10_000, ge=10)
     commit_interval_ms: int = Field(default=200, ge=0)
@@ -115,6 +120,11 @@ class KafkaConfig(_Section):
             raise ValueError(f"topic(s) {sorted(loops)} are both input and output: a loop")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        if self.request_timeout_ms <= self.session_timeout_ms:
+            raise ValueError(
+                f"request_timeout_ms ({self.request_timeout_ms}) must exceed session_timeout_ms "
+                f"({self.session_timeout_ms}): a group join waits that long and would time out"
+            )
         return self
 
 
@@ -199,6 +209,22 @@ class HttpConfig(_Section):
     )
 
 
+class TracingConfig(_Section):
+    """OpenTelemetry. The standard OTEL_* variables apply; these keys override them."""
+
+    enabled: bool | None = Field(
+        default=None, description="default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set"
+    )
+    endpoint: str | None = Field(default=None, description="OTLP base URL, e.g. http://otel:4318")
+    protocol: Literal["grpc", "http/protobuf"] | None = None
+    service_name: str | None = None
+    record_span_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="share of records with their own span (0 = off)"
+    )
+    kafka_export: bool = Field(default=False, description="also export spans to a Kafka topic")
+    kafka_topic: str = "otlp_spans"
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -222,6 +248,7 @@ class StreamerConfig(BaseSettings):
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
     http: HttpConfig = HttpConfig()
+    tracing: TracingConfig = TracingConfig()
     log: LogConfig = LogConfig()
 
     @classmethod
@@ -285,6 +312,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> StreamerCon
         return StreamerConfig(**data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    except SettingsError as exc:  # e.g. STREAMER_HTTP=x: a section given as a plain value
+        raise ConfigError(
+            f"invalid configuration from the environment: {exc}. Set leaf keys such as "
+            f"{ENV_PREFIX}HTTP__PORT=8080, with __ between levels."
+        ) from None
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -101,6 +101,7 @@ def base_config(bootstrap: str, model_path: Path, topic: str, **sections: Any) -
         "model": {"name": "tiny", "version": "1", "path": str(model_path), "max_length": 64},
         "batching": {"max_batch_size": 16, "max_wait_ms": 10, "max_batch_tokens": 1024},
         "runtime": {"torch_threads": 1, "shutdown_grace_s": 20},
+        "http": {"port": 0},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
@@ -176,8 +177,9 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | N
     """The group's committed offset per partition of ``topic``."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()
@@ -191,7 +193,7 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | N
 
 def service_process(config_path: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``python -m streamer run --config …`` as a separate process (its own stdout/err file)."""
-    log = open(config_path.with_suffix(".log"), "ab")  # noqa: SIM115
+    log = open(config_path.with_suffix(".log"), "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "streamer", "run", "--config", str(config_path)],
         stdout=log,
@@ -239,3 +241,49 @@ class RunningService:
             if self._task is not None and self._task.done():
                 raise RuntimeError(f"service stopped early: {self._task.result()}")
             await asyncio.sleep(0.05)
+
+
+class TcpProxy:
+    """A loopback TCP proxy that can cut every connection and refuse new ones (an outage)."""
+
+    def __init__(self, listen_port: int, target_port: int, host: str = "127.0.0.1") -> None:
+        self.host, self.listen_port, self.target_port = host, listen_port, target_port
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.listen_port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update({writer, up_writer})
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except asyncio.CancelledError:  # the test's loop is closing: connections just end
+            pass
+        finally:
+            self._writers.difference_update({writer, up_writer})
+
+    async def cut(self) -> None:
+        """Close the listener and every live connection."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            w.close()
+        self._writers.clear()

@@ -24,7 +24,9 @@ def test_defaults_load() -> None:
 
 
 def test_yaml_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    p = write(tmp_path, "kafka:\n  bootstrap_servers: a:1\n  group_id: g\nbatching:\n  max_wait_ms: 5\n")
+    p = write(
+        tmp_path, "kafka:\n  bootstrap_servers: a:1\n  group_id: g\nbatching:\n  max_wait_ms: 5\n"
+    )
     monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "b:2")
     monkeypatch.setenv("STREAMER_BATCHING__MAX_BATCH_SIZE", "8")
     cfg = load_config(p)
@@ -51,6 +53,7 @@ def test_config_is_frozen() -> None:
         ("kafka:\n  input_topics: [a]\n  output_topic: a\n", "loop"),
         ("kafka:\n  security:\n    protocol: SASL_SSL\n", "sasl_username is required"),
         ("runtime:\n  cpu_affinity: [999]\n", "not available"),
+        ("kafka:\n  request_timeout_ms: 5000\n", "must exceed session_timeout_ms"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -81,8 +84,14 @@ def test_password_file(tmp_path: Path) -> None:
     pw.write_text("s3cret\n")
     cfg = load_config(
         None,
-        kafka={"security": {"protocol": "SASL_SSL", "sasl_username": "u",
-                            "sasl_mechanism": "SCRAM-SHA-512", "sasl_password_file": str(pw)}},
+        kafka={
+            "security": {
+                "protocol": "SASL_SSL",
+                "sasl_username": "u",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_password_file": str(pw),
+            }
+        },
     )
     assert cfg.kafka.security.password() == "s3cret"
 
@@ -94,3 +103,9 @@ def test_shipped_configs_load(monkeypatch: pytest.MonkeyPatch, tiny_model: Path)
     monkeypatch.setenv("STREAMER_KAFKA__SECURITY__SASL_PASSWORD", "from-a-secret")
     for f in files:
         load_config(f)
+
+
+def test_environment_section_given_as_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_HTTP", "x")
+    with pytest.raises(ConfigError, match="HTTP__PORT"):
+        load_config(None)

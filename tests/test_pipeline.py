@@ -24,7 +24,9 @@ from streamer.model import HFTextModel
 pytestmark = pytest.mark.integration
 
 
-async def test_every_record_gets_exactly_one_result(broker: str, topic: str, tiny_model: Path) -> None:
+async def test_every_record_gets_exactly_one_result(
+    broker: str, topic: str, tiny_model: Path
+) -> None:
     await create_topics(broker, {topic: 3})
     n = 300
     values = json_records(n)
@@ -70,7 +72,9 @@ async def test_bad_records_go_to_the_dlq_and_good_ones_flow(
     good = json_records(20)
     values = [*good[:10], *bad, *good[10:]]
     headers = [[("custom", b"kept")] for _ in values]
-    await produce(broker, topic, values, keys=[b"k%d" % i for i in range(len(values))], headers=headers)
+    await produce(
+        broker, topic, values, keys=[b"k%d" % i for i in range(len(values))], headers=headers
+    )
     cfg = load_config(
         None, **base_config(broker, tiny_model, topic, input={"max_record_bytes": 2000})
     )
@@ -101,7 +105,9 @@ async def test_trace_context_continues(broker: str, topic: str, tiny_model: Path
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     tp = f"00-{trace}-00f067aa0ba902b7-01"
     await produce(
-        broker, topic, json_records(3),
+        broker,
+        topic,
+        json_records(3),
         headers=[[("traceparent", tp.encode()), ("tracestate", b"vendor=x")], [], []],
     )
     cfg = load_config(None, **base_config(broker, tiny_model, topic))
@@ -138,7 +144,9 @@ async def test_inference_failure_dead_letters_only_the_culprit(
     await produce(broker, topic, values)
     cfg = load_config(
         None,
-        **base_config(broker, tiny_model, topic, batching={"max_batch_size": 32, "max_wait_ms": 200}),
+        **base_config(
+            broker, tiny_model, topic, batching={"max_batch_size": 32, "max_wait_ms": 200}
+        ),
     )
     async with RunningService(cfg, model_factory=lambda: PoisonModel(cfg.model)) as svc:
         await svc.wait_done(30)
@@ -159,7 +167,9 @@ async def test_classification_results(broker: str, topic: str, tiny_classifier: 
     cfg = load_config(
         None,
         **base_config(
-            broker, tiny_classifier, topic,
+            broker,
+            tiny_classifier,
+            topic,
             model={"task": "text-classification", "return_all_scores": True},
         ),
     )
@@ -258,3 +268,90 @@ async def test_two_consumers_share_partitions_and_lose_nothing_when_one_leaves(
     }
     assert len(sources) == n  # nothing lost
     assert stats_b.published > 0 and stats_a.published > 0
+
+
+async def test_too_long_inputs_can_go_to_the_dlq(broker: str, topic: str, tiny_model: Path) -> None:
+    await create_topics(broker, {topic: 1})
+    long_text = " ".join(["hello"] * 100)
+    await produce(broker, topic, [orjson.dumps({"text": long_text}), *json_records(3)])
+    cfg = load_config(
+        None,
+        **base_config(
+            broker, tiny_model, topic, input={"on_too_long": "dlq"}, model={"max_length": 16}
+        ),
+    )
+    async with RunningService(cfg) as svc:
+        await svc.wait_done(4)
+    dlq = await read_topic(broker, f"{topic}.dlq", expect=1)
+    h = {k: v.decode() for k, v in dlq[0].headers}
+    assert h["streamer.error.class"] == "TextTooLong"
+    assert h["streamer.error.stage"] == "tokenize"
+    assert "max_length=16" in h["streamer.error.message"]
+    assert svc.service.telemetry.stats.published == 3
+
+
+async def test_broker_outage_is_retried_and_nothing_is_committed_ahead(
+    tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cut every connection mid-stream with a TCP proxy, restore it, and lose nothing."""
+    from support import TcpProxy
+
+    from streamer.broker import EmbeddedBroker, free_port
+
+    proxy_port = free_port()
+    own = EmbeddedBroker(advertised_port=proxy_port)
+    own.start()
+    proxy = TcpProxy(proxy_port, own.port)
+    await proxy.start()
+    bootstrap = own.bootstrap  # clients only ever see the proxy
+    try:
+        topic = "outage"
+        await create_topics(bootstrap, {topic: 2})
+        n = 3000
+        await produce(bootstrap, topic, json_records(n))
+        cfg = load_config(
+            None,
+            **base_config(
+                bootstrap,
+                tiny_model,
+                topic,
+                kafka={
+                    "request_timeout_ms": 4000,
+                    "session_timeout_ms": 3000,
+                    "retry_backoff_ms": 50,
+                    "max_retry_backoff_ms": 500,
+                },
+                batching={"max_in_flight": 128},
+            ),
+        )
+        caplog.set_level("WARNING")
+        async with RunningService(cfg, model_factory=lambda: SlowModel(cfg.model)) as svc:
+            await svc.wait_done(200)
+            await proxy.cut()
+            published_at_cut = svc.service.telemetry.stats.published
+            await asyncio.sleep(3)  # the outage
+            # nothing can be acknowledged while the broker is away
+            assert svc.service.telemetry.stats.published <= published_at_cut + 128
+            await proxy.start()
+            await svc.wait_done(n, timeout_s=120)
+        out = await read_topic(bootstrap, f"{topic}.out", expect=n, settle_s=0.5)
+        assert len({(m.partition, orjson.loads(m.value)["source"]["offset"]) for m in out}) <= n
+        srcs = {
+            (
+                orjson.loads(m.value)["source"]["partition"],
+                orjson.loads(m.value)["source"]["offset"],
+            )
+            for m in out
+        }
+        assert len(srcs) == n  # nothing lost
+        offsets = await committed(bootstrap, f"g-{topic}", topic)
+        assert sum(c or 0 for c in offsets.values()) == n
+        assert any(
+            "retrying" in r.getMessage()
+            or "Unable to" in r.getMessage()
+            or "failed" in r.getMessage()
+            for r in caplog.records
+        )
+    finally:
+        await proxy.cut()
+        own.stop()
