@@ -55,8 +55,9 @@ RUN mkdir -p /models \
     esac
 
 # The project and its dependencies (torch is already satisfied, so the variant stays as chosen).
+# README.md stays out: the package's long description is of no use inside the image.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY streamer/ streamer/
 RUN pip install --no-cache-dir . \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

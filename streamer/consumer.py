@@ -58,9 +58,11 @@ class Consumer:
         while True:
             consumer = AIOKafkaConsumer(**consumer_kwargs(self._cfg))
             consumer.subscribe(self._cfg.input_topics, listener=self._listener)
+            self._consumer = consumer  # the listener may run before start() returns
             try:
                 await consumer.start()
             except KafkaError as exc:
+                self._consumer = None
                 await consumer.stop()
                 if not getattr(exc, "retriable", False):
                     raise
@@ -73,7 +75,6 @@ class Consumer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._cfg.max_retry_backoff_ms / 1000)
                 continue
-            self._consumer = consumer
             return
 
     @property
@@ -83,7 +84,7 @@ class Consumer:
 
     async def fetch(self, max_records: int, timeout_ms: int) -> list[InputRecord]:
         batches = await self.client.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        now = time.monotonic()
+        now, now_ns = time.monotonic(), time.time_ns()
         out: list[InputRecord] = []
         for msgs in batches.values():
             for m in msgs:
@@ -97,6 +98,7 @@ class Consumer:
                         headers=list(m.headers or ()),
                         timestamp_ms=m.timestamp,
                         fetched_at=now,
+                        fetched_ns=now_ns,
                     )
                 )
         return out
@@ -117,8 +119,27 @@ class Consumer:
         self.paused = False
 
     def highwater(self, tp: TopicPartition) -> int | None:
-        """The high watermark from the last fetch response (right even where ListOffsets isn't)."""
-        return self.client.highwater(KafkaTP(tp.topic, tp.partition))
+        """High watermark from the last fetch response (right even where ListOffsets isn't)."""
+        try:
+            return self.client.highwater(KafkaTP(tp.topic, tp.partition))
+        except Exception:  # not assigned (any more)
+            return None
+
+    async def committed_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The group's committed offsets, or the log start where none is committed yet."""
+        out: dict[TopicPartition, int] = {}
+        missing = []
+        for tp in tps:
+            ktp = KafkaTP(tp.topic, tp.partition)
+            committed = await self.client.committed(ktp)
+            if committed is None:
+                missing.append(ktp)
+            else:
+                out[tp] = committed
+        if missing:
+            for ktp, off in (await self.client.beginning_offsets(missing)).items():
+                out[TopicPartition(ktp.topic, ktp.partition)] = off
+        return out
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> bool:
         """Commit ``offsets`` (next offset to read). False if the group moved on meanwhile."""

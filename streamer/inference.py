@@ -54,6 +54,7 @@ class InferenceWorker:
         self.model: TextModel | None = None
         self.busy_since: float | None = None  # monotonic start of the running batch
         self.thread_ident: int | None = None
+        self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _init_infer_thread(self) -> None:
@@ -70,6 +71,7 @@ class InferenceWorker:
         except RuntimeError:  # already set (a second service in one process, tests)
             pass
         self.thread_ident = threading.get_ident()
+        self._thread = threading.current_thread()
         log.info(
             "inference thread: torch threads=%d interop=%d affinity=%s",
             torch.get_num_threads(),
@@ -106,6 +108,10 @@ class InferenceWorker:
     async def run_cpu(self, fn: Callable[..., R], *args: Any) -> R:
         assert self._cpu_pool is not None, "start() first"
         return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, fn, *args)
+
+    def thread_alive(self) -> bool:
+        """False once the inference thread has died (or before it started)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stuck_for(self) -> float:
         """Seconds the current batch has been running (0 when idle)."""

@@ -33,6 +33,9 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
+    from streamer.tracing import TraceIdsFilter
+
+    handler.addFilter(TraceIdsFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

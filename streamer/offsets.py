@@ -111,6 +111,10 @@ class OffsetTracker:
             if s.next_commit is not None and s.next_commit != s.committed
         }
 
+    def committed(self, tp: TopicPartition) -> int | None:
+        state = self._parts.get(tp)
+        return state.committed if state else None
+
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, off in offsets.items():
             state = self._parts.get(tp)

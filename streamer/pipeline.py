@@ -25,11 +25,23 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind
+
 from streamer.batcher import Batcher, BatcherClosed
-from streamer.codec import Decoder, dlq_headers, encode_result, result_headers
+from streamer.codec import (
+    TRACEPARENT,
+    TRACESTATE,
+    Decoder,
+    dlq_headers,
+    encode_result,
+    header,
+    result_headers,
+)
 from streamer.config import StreamerConfig
 from streamer.consumer import Consumer
 from streamer.inference import InferenceWorker, Outcome
+from streamer.metrics import PartitionLag
 from streamer.model import Encoded
 from streamer.offsets import OffsetTracker
 from streamer.publisher import Outgoing, Publisher
@@ -58,6 +70,22 @@ class PipelineFailed(RuntimeError):
 class _Inferred:
     jobs: list[Job]
     outcomes: list[Outcome]
+    span: Span | None = None
+
+
+class _Countdown:
+    """Ends a batch's spans once every one of its records is acknowledged."""
+
+    __slots__ = ("left", "spans")
+
+    def __init__(self, n: int, spans: list[Span]) -> None:
+        self.left, self.spans = n, spans
+
+    def tick(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            for span in self.spans:
+                span.end()
 
 
 class Pipeline:
@@ -73,6 +101,7 @@ class Pipeline:
         self.worker = worker
         self.publisher = publisher
         self.telemetry = telemetry
+        self.tracing = telemetry.tracing
         self.tracker = OffsetTracker()
         self.decoder = Decoder(cfg.input)
         self.consumer = Consumer(
@@ -133,6 +162,20 @@ class Pipeline:
             self._failure = exc
             log.error("%s", exc, exc_info=cause or exc)
         self._failed.set()
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    def partition_lag(self) -> list[PartitionLag]:
+        """Fetch high watermark minus committed offset, per assigned partition."""
+        out = []
+        for tp in self.tracker.partitions():
+            high = self.consumer.highwater(tp)
+            committed = self.tracker.committed(tp)
+            if high is not None and committed is not None:
+                out.append(PartitionLag(tp.topic, tp.partition, max(0, high - committed)))
+        return out
 
     async def wait_failed(self) -> BaseException:
         await self._failed.wait()
@@ -234,10 +277,13 @@ class Pipeline:
                 self.batcher.close()
                 return
             self._tokenizing += 1
+            t0, t0_ns = time.perf_counter(), time.time_ns()
             try:
                 encs = await self.worker.tokenize([j.text for j in chunk])
             finally:
                 self._tokenizing -= 1
+            self.telemetry.tokenized(time.perf_counter() - t0)
+            span_ns = (t0_ns, time.time_ns())
             ready: list[Job] = []
             for job, enc in zip(chunk, encs, strict=True):
                 if isinstance(enc, RecordError):
@@ -253,7 +299,7 @@ class Pipeline:
                         ),
                     )
                     continue
-                job.input_ids, job.truncated = enc.ids, enc.truncated
+                job.input_ids, job.truncated, job.tokenize_ns = enc.ids, enc.truncated, span_ns
                 if self._is_revoking(job.record):
                     self._abandon(job)  # its partition is being handed over
                     continue
@@ -289,9 +335,60 @@ class Pipeline:
                 continue
             ids = [j.input_ids or [] for j in batch]
             tokens = sum(len(x) for x in ids)
-            self.telemetry.batch(len(ids), tokens, len(ids) * max(len(x) for x in ids))
+            padded = len(ids) * max(len(x) for x in ids)
+            self.telemetry.batch([j.record for j in batch], tokens, padded)
+            span = self._batch_span(batch, tokens, padded) if self.tracing.enabled else None
+            inf_span = None
+            if span is not None:
+                info = self.model_info
+                inf_span = self.tracing.start_span("inference", parent=span, attributes={
+                    "streamer.device": info.device if info else "",
+                    "streamer.dtype": info.dtype if info else "",
+                    "messaging.batch.message_count": len(batch),
+                })
+            t0 = time.perf_counter()
             outcomes = await self.worker.infer(ids)
-            await self._publish_q.put(_Inferred(batch, outcomes))
+            self.telemetry.inferred(time.perf_counter() - t0)
+            if inf_span is not None:
+                failed = sum(isinstance(o, RecordError) for o in outcomes)
+                if failed:
+                    self.tracing.fail(inf_span, "InferenceFailed", f"{failed} record(s) failed")
+                inf_span.end()
+            await self._publish_q.put(_Inferred(batch, outcomes, span))
+
+    def _batch_span(self, batch: list[Job], tokens: int, padded: int) -> Span:
+        """``process {topic}``: CONSUMER, linked to each record's producer context."""
+        topics = sorted({j.record.topic for j in batch})
+        links = []
+        for job in batch:
+            ctx = self.tracing.extract(job.traceparent, job.tracestate)
+            if ctx is not None:
+                links.append(Link(trace.get_current_span(ctx).get_span_context()))
+        info = self.model_info
+        attrs = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": topics[0] if len(topics) == 1 else ",".join(topics),
+            "messaging.consumer.group.name": self.cfg.kafka.group_id,
+            "messaging.batch.message_count": len(batch),
+            "streamer.model.name": info.name if info else "",
+            "streamer.model.version": info.version if info else "",
+            "streamer.model.fingerprint": info.fingerprint if info else "",
+            "streamer.batch.tokens": tokens,
+            "streamer.batch.padded_tokens": padded,
+        }
+        name = f"process {topics[0]}" if len(topics) == 1 else "process"
+        start = min(j.record.fetched_ns for j in batch) or None
+        span = self.tracing.start_span(
+            name, kind=SpanKind.CONSUMER, links=links, attributes=attrs, start_ns=start
+        )
+        t_start = min(j.tokenize_ns[0] for j in batch)
+        t_end = max(j.tokenize_ns[1] for j in batch)
+        if t_start:
+            tok = self.tracing.start_span("tokenize", parent=span, start_ns=t_start)
+            tok.end(end_time=t_end)
+        return span
 
     # -- publish ------------------------------------------------------------------------------
     async def _publish_loop(self) -> None:
@@ -301,48 +398,104 @@ class Pipeline:
                 return
             model = self.model_info
             assert model is not None
+            countdown = None
+            if item.span is not None:
+                pub_span = self.tracing.start_span("publish", parent=item.span)
+                countdown = _Countdown(len(item.jobs), [pub_span, item.span])
             values = await self.worker.run_cpu(_encode_all, item.jobs, item.outcomes, model)
             for job, value in zip(item.jobs, values, strict=True):
                 if isinstance(value, RecordError):
-                    self._dead_letter(job.record, value)
+                    self._dead_letter(job.record, value, countdown)
                     continue
-                await self._publish_result(job, value)
+                await self._publish_result(job, value, countdown)
 
-    async def _publish_result(self, job: Job, value: bytes) -> None:
+    def _record_span(self, rec: InputRecord, tp: str | None, ts: str | None) -> Span | None:
+        """The per-record span: a child of the record's own (producer) context."""
+        if not self.tracing.sample_record():
+            return None
+        attrs: dict[str, Any] = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": rec.topic,
+            "messaging.consumer.group.name": self.cfg.kafka.group_id,
+            "messaging.destination.partition.id": str(rec.partition),
+            "messaging.kafka.offset": rec.offset,
+        }
+        if rec.key is not None:
+            attrs["messaging.kafka.message.key"] = rec.key.decode("utf-8", "replace")
+        return self.tracing.start_span(
+            f"process {rec.topic}",
+            kind=SpanKind.CONSUMER,
+            parent=self.tracing.extract(tp, ts),
+            attributes=attrs,
+            start_ns=rec.fetched_ns or None,
+        )
+
+    async def _publish_result(
+        self, job: Job, value: bytes, countdown: _Countdown | None = None
+    ) -> None:
         rec = job.record
-        headers = result_headers(child_traceparent(job.traceparent), job.tracestate)
+        span = self._record_span(rec, job.traceparent, job.tracestate)
+        if span is not None:
+            traceparent, tracestate = self.tracing.inject(span)
+        else:
+            traceparent, tracestate = child_traceparent(job.traceparent), job.tracestate
+        headers = result_headers(traceparent, tracestate)
 
         def delivered() -> None:
             if self.tracker.done(rec.tp, rec.offset, rec.generation):
                 self.telemetry.published(rec)
                 self._commit_wanted.set()
+            if span is not None:
+                span.end()
+            if countdown is not None:
+                countdown.tick()
 
         def rejected(exc: BaseException) -> None:
+            if span is not None:
+                span.end()
             self._dead_letter(
                 rec,
                 ResultTooLarge(
-                    f"result of {len(value)} bytes was rejected by the broker ({type(exc).__name__}); "
-                    "raise the output topic's max.message.bytes and kafka.max_request_size"
+                    f"result of {len(value)} bytes was rejected by the broker "
+                    f"({type(exc).__name__}); raise the output topic's max.message.bytes "
+                    "and kafka.max_request_size"
                 ),
+                countdown,
             )
 
         await self.publisher.send(
             Outgoing(self.cfg.kafka.output_topic, rec.key, value, headers, delivered, rejected)
         )
 
-    def _dead_letter(self, rec: InputRecord, err: RecordError) -> None:
-        log.info(
-            "dead-lettering %s: %s (%s, stage %s)",
-            rec.where(),
-            err.message,
-            err.error_class,
-            err.stage,
-        )
+    def _dead_letter(
+        self, rec: InputRecord, err: RecordError, countdown: _Countdown | None = None
+    ) -> None:
+        span = None
+        if self.tracing.enabled:
+            tp, ts = header(rec.headers, TRACEPARENT), header(rec.headers, TRACESTATE)
+            span = self._record_span(
+                rec, tp.decode("ascii", "replace") if tp else None,
+                ts.decode("ascii", "replace") if ts else None,
+            )
+            if span is not None:
+                self.tracing.fail(span, err.error_class, err.message)
+                span.set_attribute("streamer.error.stage", err.stage)
+        with trace.use_span(span, end_on_exit=False) if span else contextlib.nullcontext():
+            log.info(
+                "dead-lettering %s: %s (%s, stage %s)",
+                rec.where(), err.message, err.error_class, err.stage,
+            )
 
         def delivered() -> None:
             if self.tracker.done(rec.tp, rec.offset, rec.generation):
                 self.telemetry.dead_lettered(rec, err)
                 self._commit_wanted.set()
+            if span is not None:
+                span.end()
+            if countdown is not None:
+                countdown.tick()
 
         def rejected(exc: BaseException) -> None:
             # Even the DLQ refuses it (its limits are below the input's): keep the reason and
@@ -351,17 +504,14 @@ class Pipeline:
             headers = [*dlq_headers(rec, err), ("streamer.error.value_dropped", b"true")]
             self.publisher.send_soon(
                 Outgoing(
-                    self.cfg.kafka.dlq_topic, rec.key, None, headers, delivered, self._reject_fatal
+                    self.cfg.kafka.dlq_topic, rec.key, None, headers, delivered,
+                    self._reject_fatal,
                 )
             )
 
         self.publisher.send_soon(
             Outgoing(
-                self.cfg.kafka.dlq_topic,
-                rec.key,
-                rec.value,
-                dlq_headers(rec, err),
-                delivered,
+                self.cfg.kafka.dlq_topic, rec.key, rec.value, dlq_headers(rec, err), delivered,
                 rejected,
             )
         )
@@ -387,7 +537,12 @@ class Pipeline:
     # -- rebalance ------------------------------------------------------------------------------
     async def _on_assigned(self, tps: list[TopicPartition]) -> None:
         self.consumer.rebalances += 1
+        self.telemetry.rebalanced()
         self.tracker.assign(tps)
+        try:  # seed lag accounting with what the group has committed so far
+            self.tracker.mark_committed(await self.consumer.committed_offsets(tps))
+        except Exception as exc:  # only metrics depend on it
+            log.warning("could not read committed offsets for lag: %s", exc)
         self.consumer.paused = False  # a new assignment starts unpaused
         log.info("assigned %s", ", ".join(map(str, tps)) or "nothing")
         self.joined.set()

@@ -171,6 +171,11 @@ class Publisher:
         self._retries.add(task)
         task.add_done_callback(self._retry_done)
 
+    async def send_raw(self, topic: str, value: bytes) -> None:
+        """Produce one record and wait for its ack (span export); no offset depends on it."""
+        assert self._producer is not None, "start() first"
+        await self._producer.send_and_wait(topic, value=value)
+
     async def flush(self) -> None:
         """Wait until every record sent so far is acknowledged (or handed back)."""
         if self._producer is not None:

@@ -30,6 +30,7 @@ class InputRecord:
     timestamp_ms: int
     fetched_at: float  # time.monotonic() when fetched
     generation: int = 0  # assignment generation of its partition (see offsets.py)
+    fetched_ns: int = 0  # wall clock (ns) when fetched, for span start times
 
     @property
     def tp(self) -> TopicPartition:
@@ -51,6 +52,7 @@ class Job:
     input_ids: list[int] | None = None
     truncated: bool = False
     model: str = ""  # routing key: which model serves it
+    tokenize_ns: tuple[int, int] = (0, 0)  # wall-clock span of its tokenize call
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

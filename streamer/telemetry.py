@@ -1,8 +1,9 @@
 """Telemetry hooks the pipeline calls at each stage.
 
 :class:`Stats` keeps in-process counters and a bounded latency sample that the demo and the
-benchmark read. Observers (Prometheus metrics, OpenTelemetry, progress bars) subscribe through
-:class:`Telemetry` so that stages call one object and never know who listens.
+benchmark read; :class:`~streamer.metrics.Metrics` is the Prometheus side and
+:class:`~streamer.tracing.Tracing` the OpenTelemetry side. Stages call one object and never
+know who listens; progress bars subscribe with :meth:`Telemetry.subscribe_done`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from streamer.records import InputRecord, RecordError
+from streamer.config import TracingConfig
+from streamer.metrics import Metrics
+from streamer.records import InputRecord, ModelInfo, RecordError
+from streamer.tracing import Tracing
 
 
 @dataclass
@@ -49,31 +53,62 @@ class Stats:
 class Telemetry:
     """The one object stages report to. Subclass-free: observers register callbacks."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracing: TracingConfig | None = None) -> None:
         self.stats = Stats()
+        self.metrics = Metrics()
+        self.tracing = Tracing(tracing or TracingConfig())
         self._on_done: list[Callable[[InputRecord, RecordError | None, float], None]] = []
 
     def subscribe_done(self, fn: Callable[[InputRecord, RecordError | None, float], None]) -> None:
         """``fn(record, error_or_None, latency_s)`` for every acknowledged output."""
         self._on_done.append(fn)
 
+    def model_loaded(self, info: ModelInfo, phases: dict[str, float]) -> None:
+        m = self.metrics
+        for phase, seconds in phases.items():
+            m.model_load.labels(phase).set(seconds)
+        m.model_info.labels(
+            info.name, info.version, info.fingerprint, info.task, info.device, info.dtype
+        ).set(1)
+
     def consumed(self, records: list[InputRecord]) -> None:
         if records and self.stats.first_fetch_at is None:
             self.stats.first_fetch_at = records[0].fetched_at
         self.stats.consumed += len(records)
+        counts = Counter(r.topic for r in records)
+        for topic, n in counts.items():
+            self.metrics.consumed.labels(topic).inc(n)
 
-    def batch(self, rows: int, tokens: int, padded: int) -> None:
-        s = self.stats
+    def tokenized(self, seconds: float) -> None:
+        self.metrics.tokenize.observe(seconds)
+
+    def batch(self, records: list[InputRecord], tokens: int, padded: int) -> None:
+        s, m = self.stats, self.metrics
+        rows = len(records)
         s.batches += 1
         s.batch_rows += rows
         s.batch_tokens += tokens
         s.padded_tokens += padded
+        m.batch_size.observe(rows)
+        m.batch_tokens.observe(padded)
+        m.padding_ratio.observe(1 - tokens / padded if padded else 0.0)
+        now = time.monotonic()
+        for r in records:
+            m.batch_wait.observe(now - r.fetched_at)
+
+    def inferred(self, seconds: float) -> None:
+        self.metrics.inference.observe(seconds)
+
+    def rebalanced(self) -> None:
+        self.metrics.rebalances.inc()
 
     def published(self, record: InputRecord) -> None:
+        self.metrics.published.labels(record.topic).inc()
         self._done(record, None)
 
     def dead_lettered(self, record: InputRecord, error: RecordError) -> None:
         self.stats.dlq_reasons[error.error_class] += 1
+        self.metrics.dead_lettered.labels(record.topic, error.error_class).inc()
         self._done(record, error)
 
     def _done(self, record: InputRecord, error: RecordError | None) -> None:
@@ -83,6 +118,8 @@ class Telemetry:
             s.published += 1
         else:
             s.dead_lettered += 1
+        if record.timestamp_ms > 0:
+            self.metrics.end_to_end.observe(max(0.0, time.time() - record.timestamp_ms / 1000))
         latency = now - record.fetched_at
         s.latencies.append(latency)
         s.last_ack_at = now

@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import build_tiny_model  # noqa: E402
+from support import build_tiny_model
 
-from streamer.broker import EmbeddedBroker  # noqa: E402
+from streamer.broker import EmbeddedBroker
 
 _topic_ids = itertools.count()
 

@@ -242,19 +242,24 @@ def test_multi_stage_on_a_slim_python_base() -> None:
     assert froms and froms <= build_names, f"runtime copies from {froms}, stages {build_names}"
 
 
-def test_every_copied_file_exists_and_is_in_the_build_context() -> None:
+COPIED = [s for flags, srcs, _ in copies(INSTRUCTIONS) if not flags for s in srcs]
+
+
+def test_copies_only_with_copy() -> None:
     assert not find("ADD"), "use COPY (ADD fetches URLs and unpacks archives implicitly)"
-    sources = [s for flags, srcs, _ in copies(INSTRUCTIONS) if not flags for s in srcs]
-    assert sources
-    for src in sources:
-        path = ROOT / src
-        assert path.exists(), f"COPY {src}: no such file in the repository"
-        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-        files = [p for p in files if "__pycache__" not in p.parts]
-        assert files, f"COPY {src}: nothing to copy"
-        for f in files:
-            rel = f.relative_to(ROOT).as_posix()
-            assert not IGNORE.excluded(rel), f"COPY {src}: {rel} is excluded by .dockerignore"
+    assert COPIED
+
+
+@pytest.mark.parametrize("src", COPIED)
+def test_every_copied_file_exists_and_is_in_the_build_context(src: str) -> None:
+    path = ROOT / src
+    assert path.exists(), f"COPY {src}: no such file in the repository"
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    files = [p for p in files if "__pycache__" not in p.parts]
+    assert files, f"COPY {src}: nothing to copy"
+    for f in files:
+        rel = f.relative_to(ROOT).as_posix()
+        assert not IGNORE.excluded(rel), f"COPY {src}: {rel} is excluded by .dockerignore"
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

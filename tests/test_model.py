@@ -49,14 +49,21 @@ async def test_real_minilm_matches_plain_transformers(broker: str, topic: str) -
     await produce(broker, topic, [orjson.dumps({"id": i, "text": t}) for i, t in enumerate(texts)])
     cfg = load_config(
         None,
-        **base_config(broker, path, topic, model={"name": "minilm", "max_length": 128},
-                      runtime={"torch_threads": 2}),
+        **base_config(
+            broker,
+            path,
+            topic,
+            model={"name": "minilm", "max_length": 128},
+            runtime={"torch_threads": 2},
+        ),
     )
     async with RunningService(cfg) as svc:
         await svc.wait_done(len(texts), timeout_s=120)
     out = await read_topic(broker, f"{topic}.out", expect=len(texts))
-    got = {orjson.loads(m.value)["id"]: np.array(orjson.loads(m.value)["result"]["embedding"])
-           for m in out}
+    got = {
+        orjson.loads(m.value)["id"]: np.array(orjson.loads(m.value)["result"]["embedding"])
+        for m in out
+    }
     assert len(got) == len(texts)
 
     tok = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,86 @@
+"""The HTTP server for probes and scrapes: ``/healthz``, ``/readyz``, ``/metrics``.
+
+It runs on the event loop on purpose: a ``/healthz`` answer proves the loop is responsive;
+the liveness check adds that the inference thread is alive and no batch is stuck past
+``http.stuck_after_s``. ``/readyz`` is 200 only once the model is loaded and warm and the
+consumer has joined its group (and not while draining for shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from streamer.config import HttpConfig
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], tuple[bool, str]]
+Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+
+
+class HealthServer:
+    def __init__(
+        self,
+        cfg: HttpConfig,
+        *,
+        liveness: Check,
+        readiness: Check,
+        metrics: Callable[[], bytes],
+        extra_routes: list[Route] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._liveness, self._readiness, self._metrics = liveness, readiness, metrics
+        self._extra = extra_routes or []
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.port != 0
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._serve_metrics)
+        for method, path, handler in self._extra:
+            app.router.add_route(method, path, handler)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise RuntimeError(
+                f"cannot listen on {self.cfg.host}:{self.cfg.port} for /healthz, /readyz and "
+                f"/metrics ({exc}); set http.port to a free port, or 0 to turn the server off"
+            ) from exc
+        log.info("health and metrics on http://%s:%d", self.cfg.host, self.cfg.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @staticmethod
+    def _answer(check: Check) -> web.Response:
+        ok, reason = check()
+        return web.Response(status=200 if ok else 503, text=reason + "\n")
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return self._answer(self._liveness)
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        return self._answer(self._readiness)
+
+    async def _serve_metrics(self, _: web.Request) -> web.Response:
+        resp = web.Response(body=self._metrics())
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        resp.charset = "utf-8"
+        return resp
