@@ -114,8 +114,13 @@ class Service:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in model.timings.phases.items())
         log.info(
             "model %s@%s (%s) ready on %s/%s in %.2fs: %s",
-            model.info.name, model.info.version, model.info.fingerprint[:19],
-            model.info.device, model.info.dtype, time.perf_counter() - t, phases,
+            model.info.name,
+            model.info.version,
+            model.info.fingerprint[:19],
+            model.info.device,
+            model.info.dtype,
+            time.perf_counter() - t,
+            phases,
         )
         await self.publisher.start()
         self.telemetry.metrics.state.cuda = model.info.device == "cuda"
@@ -124,7 +129,8 @@ class Service:
         self.ready = True
         log.info(
             "consuming %s as group '%s' from %s",
-            ", ".join(self.cfg.kafka.input_topics), self.cfg.kafka.group_id,
+            ", ".join(self.cfg.kafka.input_topics),
+            self.cfg.kafka.group_id,
             self.cfg.kafka.bootstrap_servers,
         )
 

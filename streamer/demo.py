@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from streamer.broker import EmbeddedBroker, create_topics
+from streamer.broker import EmbeddedBroker, create_topics, free_port
 from streamer.config import load_config
 from streamer.devtools import bundled_model_path, produce_texts, sample_texts
 from streamer.logs import setup_logging
@@ -44,9 +44,17 @@ async def _demo(console: Console, bootstrap: str, n: int, path: Path, batch_size
 
     cfg = load_config(
         None,
-        kafka={"bootstrap_servers": bootstrap, "group_id": "streamer-demo"},
+        # A short session: the embedded broker holds a first join for about half of it.
+        kafka={
+            "bootstrap_servers": bootstrap,
+            "group_id": "streamer-demo",
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1000,
+            "request_timeout_ms": 10000,
+        },
         model={"name": "all-MiniLM-L6-v2", "version": "1", "path": str(path), "max_length": 128},
         batching={"max_batch_size": batch_size},
+        http={"port": free_port(), "host": "127.0.0.1"},
     )
     service = Service(cfg)
     with console.status("loading all-MiniLM-L6-v2 and warming up…"):
@@ -54,6 +62,7 @@ async def _demo(console: Console, bootstrap: str, n: int, path: Path, batch_size
         await service.start()
         load_s = time.perf_counter() - t
     console.print(f"[bold]model[/] loaded and warm in {load_s:.2f}s; consumer joined")
+    console.print(f"[bold]probes[/] http://127.0.0.1:{cfg.http.port}/metrics  /healthz  /readyz")
 
     done = asyncio.Event()
     progress = Progress(

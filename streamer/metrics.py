@@ -170,7 +170,9 @@ class Metrics:
             registry=r,
         )
         self.build_info = Gauge(
-            "streamer_build_info", "Versions of streamer and its runtime", _BUILD_LABELS,
+            "streamer_build_info",
+            "Versions of streamer and its runtime",
+            _BUILD_LABELS,
             registry=r,
         )
         self.model_info = Gauge(

@@ -341,11 +341,15 @@ class Pipeline:
             inf_span = None
             if span is not None:
                 info = self.model_info
-                inf_span = self.tracing.start_span("inference", parent=span, attributes={
-                    "streamer.device": info.device if info else "",
-                    "streamer.dtype": info.dtype if info else "",
-                    "messaging.batch.message_count": len(batch),
-                })
+                inf_span = self.tracing.start_span(
+                    "inference",
+                    parent=span,
+                    attributes={
+                        "streamer.device": info.device if info else "",
+                        "streamer.dtype": info.dtype if info else "",
+                        "messaging.batch.message_count": len(batch),
+                    },
+                )
             t0 = time.perf_counter()
             outcomes = await self.worker.infer(ids)
             self.telemetry.inferred(time.perf_counter() - t0)
@@ -476,7 +480,8 @@ class Pipeline:
         if self.tracing.enabled:
             tp, ts = header(rec.headers, TRACEPARENT), header(rec.headers, TRACESTATE)
             span = self._record_span(
-                rec, tp.decode("ascii", "replace") if tp else None,
+                rec,
+                tp.decode("ascii", "replace") if tp else None,
                 ts.decode("ascii", "replace") if ts else None,
             )
             if span is not None:
@@ -485,7 +490,10 @@ class Pipeline:
         with trace.use_span(span, end_on_exit=False) if span else contextlib.nullcontext():
             log.info(
                 "dead-lettering %s: %s (%s, stage %s)",
-                rec.where(), err.message, err.error_class, err.stage,
+                rec.where(),
+                err.message,
+                err.error_class,
+                err.stage,
             )
 
         def delivered() -> None:
@@ -504,14 +512,22 @@ class Pipeline:
             headers = [*dlq_headers(rec, err), ("streamer.error.value_dropped", b"true")]
             self.publisher.send_soon(
                 Outgoing(
-                    self.cfg.kafka.dlq_topic, rec.key, None, headers, delivered,
+                    self.cfg.kafka.dlq_topic,
+                    rec.key,
+                    None,
+                    headers,
+                    delivered,
                     self._reject_fatal,
                 )
             )
 
         self.publisher.send_soon(
             Outgoing(
-                self.cfg.kafka.dlq_topic, rec.key, rec.value, dlq_headers(rec, err), delivered,
+                self.cfg.kafka.dlq_topic,
+                rec.key,
+                rec.value,
+                dlq_headers(rec, err),
+                delivered,
                 rejected,
             )
         )

@@ -176,7 +176,11 @@ class Tracing:
     ) -> Span:
         ctx = trace.set_span_in_context(parent) if isinstance(parent, Span) else parent
         return self.tracer.start_span(
-            name, context=ctx, kind=kind, links=links, attributes=attributes,
+            name,
+            context=ctx,
+            kind=kind,
+            links=links,
+            attributes=attributes,
             start_time=start_ns,
         )
 

@@ -94,8 +94,10 @@ def base_config(bootstrap: str, model_path: Path, topic: str, **sections: Any) -
             "input_topics": [topic],
             "output_topic": f"{topic}.out",
             "dlq_topic": f"{topic}.dlq",
-            "session_timeout_ms": 10_000,
+            # the embedded broker holds a first join for about half the session timeout
+            "session_timeout_ms": 6_000,
             "heartbeat_interval_ms": 500,
+            "request_timeout_ms": 10_000,
             "commit_interval_ms": 50,
         },
         "model": {"name": "tiny", "version": "1", "path": str(model_path), "max_length": 64},

@@ -56,8 +56,10 @@ def attrs(span: PbSpan) -> dict:
     out = {}
     for a in span.attributes:
         v = a.value
-        out[a.key] = v.string_value if v.HasField("string_value") else (
-            v.int_value if v.HasField("int_value") else v.bool_value
+        out[a.key] = (
+            v.string_value
+            if v.HasField("string_value")
+            else (v.int_value if v.HasField("int_value") else v.bool_value)
         )
     return out
 
@@ -112,8 +114,9 @@ async def test_spans_follow_messaging_conventions_and_continue_the_trace(
             linked.add((link.trace_id.hex(), link.span_id.hex()))
         children = {s.name for s in spans if s.parent_span_id == b.span_id}
         assert {"tokenize", "inference", "publish"} <= children
-        inference = next(s for s in spans if s.parent_span_id == b.span_id
-                         and s.name == "inference")
+        inference = next(
+            s for s in spans if s.parent_span_id == b.span_id and s.name == "inference"
+        )
         assert attrs(inference)["streamer.device"] == "cpu"
         assert attrs(inference)["streamer.dtype"] == "float32"
     assert linked == {(TRACE_IDS[i], PARENT_IDS[i]) for i in range(4)}
@@ -148,9 +151,16 @@ async def test_spans_can_be_exported_to_a_kafka_topic(
     await produce(broker, topic, json_records(3))
     cfg = load_config(
         None,
-        **base_config(broker, tiny_model, topic,
-                      tracing={"kafka_export": True, "kafka_topic": f"{topic}.spans",
-                               "service_name": "streamer-kafka"}),
+        **base_config(
+            broker,
+            tiny_model,
+            topic,
+            tracing={
+                "kafka_export": True,
+                "kafka_topic": f"{topic}.spans",
+                "service_name": "streamer-kafka",
+            },
+        ),
     )
     async with RunningService(cfg) as svc:
         await svc.wait_done(3)
@@ -176,9 +186,12 @@ async def test_record_spans_can_be_switched_off(
         monkeypatch.setenv("OTEL_SERVICE_NAME", "streamer-test")
         cfg = load_config(
             None,
-            **base_config(broker, tiny_model, topic,
-                          tracing={"endpoint": f"http://127.0.0.1:{receiver.port}",
-                                   "record_span_ratio": 0.0}),
+            **base_config(
+                broker,
+                tiny_model,
+                topic,
+                tracing={"endpoint": f"http://127.0.0.1:{receiver.port}", "record_span_ratio": 0.0},
+            ),
         )
         async with RunningService(cfg) as svc:
             await svc.wait_done(2)
@@ -189,3 +202,37 @@ async def test_record_spans_can_be_switched_off(
     out = await read_topic(broker, f"{topic}.out", expect=2)
     for m in out:  # the trace still goes on (new span id in the same trace)
         assert dict(m.headers)["traceparent"].decode().split("-")[1] == TRACE_IDS[0]
+
+
+async def test_otlp_grpc_export(
+    broker: str, topic: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list[str] = []
+
+    class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+        async def Export(self, request, context):
+            for rs in request.resource_spans:
+                for ss in rs.scope_spans:
+                    received.extend(s.name for s in ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        await create_topics(broker, {topic: 1})
+        await produce(broker, topic, json_records(3))
+        cfg = load_config(None, **base_config(broker, tiny_model, topic))
+        async with RunningService(cfg) as svc:
+            assert "OTLP grpc" in svc.service.telemetry.tracing.describe()
+            await svc.wait_done(3)
+    finally:
+        await server.stop(None)
+    assert f"process {topic}" in received and "inference" in received
