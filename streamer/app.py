@@ -109,7 +109,8 @@ class Service:
         await self.health.start()
         log.info("%s", self.telemetry.tracing.describe())
         t = time.perf_counter()
-        model = await self.worker.start()
+        await self.worker.start()
+        model = await self.worker.load()
         self.telemetry.model_loaded(model.info, model.timings.phases)
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in model.timings.phases.items())
         log.info(

@@ -51,6 +51,7 @@ class InferenceWorker:
         self._warmup = (warmup_batch_size, warmup_batch_tokens)
         self._infer_pool: ThreadPoolExecutor | None = None
         self._cpu_pool: ThreadPoolExecutor | None = None
+        self._load_pool: ThreadPoolExecutor | None = None
         self.model: TextModel | None = None
         self.busy_since: float | None = None  # monotonic start of the running batch
         self.thread_ident: int | None = None
@@ -79,16 +80,34 @@ class InferenceWorker:
             cores or "all",
         )
 
-    async def start(self) -> TextModel:
+    async def start(self) -> None:
+        """Create the threads; the inference thread applies its settings right away."""
         self._infer_pool = ThreadPoolExecutor(
             1, thread_name_prefix="streamer-infer", initializer=self._init_infer_thread
         )
         self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="streamer-cpu")
-        self.model = await self.run_infer(self._load)
-        return self.model
+        # Loads and warm-ups of new versions run here, beside the serving model.
+        self._load_pool = ThreadPoolExecutor(
+            1, thread_name_prefix="streamer-load", initializer=self._init_load_thread
+        )
+        await self.run_infer(lambda: None)
 
-    def _load(self) -> TextModel:
-        model = self._factory()
+    def _init_load_thread(self) -> None:
+        cores = self._runtime.cpu_affinity
+        if cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, set(cores))
+
+    async def load(self, factory: Callable[[], TextModel] | None = None) -> TextModel:
+        """Load and warm up a model on the loader thread (the serving model keeps serving)."""
+        assert self._load_pool is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(self._load_pool, self._load, factory or self._factory)
+        if self.model is None:
+            self.model = model
+        return model
+
+    def _load(self, factory: Callable[[], TextModel]) -> TextModel:
+        model = factory()
         load = getattr(model, "load", None)
         if load is not None:
             load()
@@ -96,7 +115,7 @@ class InferenceWorker:
         return model
 
     async def stop(self) -> None:
-        for pool in (self._cpu_pool, self._infer_pool):
+        for pool in (self._load_pool, self._cpu_pool, self._infer_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -119,13 +138,11 @@ class InferenceWorker:
         return 0.0 if started is None else time.monotonic() - started
 
     # -- stages -------------------------------------------------------------------------------
-    async def tokenize(self, texts: list[str]) -> list[Any]:
+    async def tokenize(self, model: TextModel, texts: list[str]) -> list[Any]:
         """Encodings, or a TokenizationFailed per record that could not be encoded."""
-        return await self.run_cpu(self._tokenize_sync, texts)
+        return await self.run_cpu(self._tokenize_sync, model, texts)
 
-    def _tokenize_sync(self, texts: list[str]) -> list[Any]:
-        model = self.model
-        assert model is not None
+    def _tokenize_sync(self, model: TextModel, texts: list[str]) -> list[Any]:
         try:
             return list(model.tokenize(texts))
         except Exception:  # isolate the bad text(s): encode one by one
@@ -137,13 +154,11 @@ class InferenceWorker:
                     out.append(TokenizationFailed(f"tokenizer failed: {type(exc).__name__}: {exc}"))
             return out
 
-    async def infer(self, batch: list[list[int]]) -> list[Outcome]:
+    async def infer(self, model: TextModel, batch: list[list[int]]) -> list[Outcome]:
         """One outcome per row: a result dict, or InferenceFailed for rows at fault."""
-        return await self.run_infer(self._infer_sync, batch)
+        return await self.run_infer(self._infer_sync, model, batch)
 
-    def _infer_sync(self, batch: list[list[int]]) -> list[Outcome]:
-        model = self.model
-        assert model is not None
+    def _infer_sync(self, model: TextModel, batch: list[list[int]]) -> list[Outcome]:
         self.busy_since = time.monotonic()
         try:
             return self._bisect(model, batch)

@@ -279,7 +279,7 @@ class Pipeline:
             self._tokenizing += 1
             t0, t0_ns = time.perf_counter(), time.time_ns()
             try:
-                encs = await self.worker.tokenize([j.text for j in chunk])
+                encs = await self.worker.tokenize(self.worker.model, [j.text for j in chunk])
             finally:
                 self._tokenizing -= 1
             self.telemetry.tokenized(time.perf_counter() - t0)
@@ -351,7 +351,7 @@ class Pipeline:
                     },
                 )
             t0 = time.perf_counter()
-            outcomes = await self.worker.infer(ids)
+            outcomes = await self.worker.infer(self.worker.model, ids)
             self.telemetry.inferred(time.perf_counter() - t0)
             if inf_span is not None:
                 failed = sum(isinstance(o, RecordError) for o in outcomes)

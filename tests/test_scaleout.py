@@ -56,7 +56,9 @@ class Replica:
     async def metric(self, name: str) -> float:
         _, text = await self.get("/metrics")
         return sum(
-            s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
             if s.name == name
         )
 
