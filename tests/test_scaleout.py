@@ -113,7 +113,7 @@ async def test_one_then_three_replicas_share_partitions_and_lose_nothing(
         await asyncio.sleep(8)  # let the group settle
         assigned = [await r.metric("streamer_assigned_partitions") for r in replicas[:3]]
         assert sorted(assigned) == [0, 1, 1], assigned
-        idle = replicas[[i for i, a in enumerate(assigned) if a == 0][0]]
+        idle = replicas[assigned.index(0)]
         rebalances = await idle.metric("streamer_rebalances_total")
         await asyncio.sleep(5)
         assert idle.proc.poll() is None  # idles without crashing ...
