@@ -12,14 +12,18 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
+from pathlib import Path
 
-from streamer.config import StreamerConfig
+from aiohttp import web
+from pydantic import ValidationError
+
+from streamer.config import ConfigError, ModelConfig, StreamerConfig, load_config
 from streamer.health import HealthServer, Route
 from streamer.inference import InferenceWorker
-from streamer.model import HFTextModel, TextModel
+from streamer.model import HFTextModel
 from streamer.pipeline import Pipeline
 from streamer.publisher import Publisher
+from streamer.registry import ModelFactory, ModelRegistry, SwapFailed
 from streamer.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -32,38 +36,57 @@ class Service:
         self,
         cfg: StreamerConfig,
         *,
-        model_factory: Callable[[], TextModel] | None = None,
+        model_factory: ModelFactory | None = None,
         telemetry: Telemetry | None = None,
-        extra_routes: list[Route] | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.telemetry = telemetry or Telemetry(cfg.tracing)
         if model_factory is None:
             cfg.require_model_path()
-            model_factory = lambda: HFTextModel(cfg.model)  # noqa: E731
+            model_factory = HFTextModel
         self.worker = InferenceWorker(
-            model_factory,
             cfg.runtime,
             warmup_batch_size=cfg.batching.max_batch_size,
             warmup_batch_tokens=cfg.batching.max_batch_tokens,
         )
+        self.registry = ModelRegistry(self.worker, model_factory, cfg.routing)
         self.publisher = Publisher(cfg.kafka, on_fatal=self._fatal)
         self.pipeline = Pipeline(
-            cfg, worker=self.worker, publisher=self.publisher, telemetry=self.telemetry
+            cfg,
+            worker=self.worker,
+            registry=self.registry,
+            publisher=self.publisher,
+            telemetry=self.telemetry,
         )
+        routes: list[Route] = []
+        if cfg.http.admin:
+            routes = [
+                ("GET", "/admin/models", self._admin_list),
+                ("POST", "/admin/models", self._admin_swap),
+                ("POST", "/admin/reload", self._admin_reload),
+            ]
         self.health = HealthServer(
             cfg.http,
             liveness=self._liveness,
             readiness=self._readiness,
             metrics=self.telemetry.metrics.render,
-            extra_routes=extra_routes,
+            extra_routes=routes,
         )
         state = self.telemetry.metrics.state
         state.lag = self.pipeline.partition_lag
         state.in_flight = lambda: self.pipeline.tracker.in_flight
         state.paused_partitions = self._paused_partitions
         state.assigned_partitions = lambda: len(self.pipeline.tracker.partitions())
+        state.models = lambda: [
+            (i.name, i.version, i.fingerprint, i.task, i.device, i.dtype,
+             getattr(loaded.model, "memory_bytes", 0))
+            for loaded in self.registry.loaded()
+            for i in (loaded.info,)
+        ]
         self._stop = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self.ready = False
         self.stopping = False
 
@@ -72,7 +95,7 @@ class Service:
         failure = self.pipeline.failure
         if failure is not None:
             return False, f"pipeline failed: {failure}"
-        if self.worker.model is not None and not self.worker.thread_alive():
+        if self.registry.ready and not self.worker.thread_alive():
             return False, "the inference thread is gone"
         stuck = self.worker.stuck_for()
         if stuck > self.cfg.http.stuck_after_s:
@@ -85,7 +108,7 @@ class Service:
     def _readiness(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "draining for shutdown"
-        if self.worker.model is None:
+        if not self.registry.ready:
             return False, "loading and warming up the model"
         if not self.pipeline.joined.is_set():
             return False, "joining the consumer group"
@@ -110,21 +133,19 @@ class Service:
         log.info("%s", self.telemetry.tracing.describe())
         t = time.perf_counter()
         await self.worker.start()
-        model = await self.worker.load()
-        self.telemetry.model_loaded(model.info, model.timings.phases)
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in model.timings.phases.items())
-        log.info(
-            "model %s@%s (%s) ready on %s/%s in %.2fs: %s",
-            model.info.name,
-            model.info.version,
-            model.info.fingerprint[:19],
-            model.info.device,
-            model.info.dtype,
-            time.perf_counter() - t,
-            phases,
-        )
+        loaded = await self.registry.load_all(self.cfg.model_list())
+        for item in loaded:
+            model = item.model
+            assert model is not None
+            self.telemetry.model_loaded(item.info, model.timings.phases)
+            phases = ", ".join(f"{k} {v:.2f}s" for k, v in model.timings.phases.items())
+            log.info(
+                "model %s (%s) ready on %s/%s: %s",
+                item.ref, item.info.fingerprint[:19], item.info.device, item.info.dtype, phases,
+            )
+        log.info("%d model(s) loaded and warm in %.2fs", len(loaded), time.perf_counter() - t)
         await self.publisher.start()
-        self.telemetry.metrics.state.cuda = model.info.device == "cuda"
+        self.telemetry.metrics.state.cuda = any(x.info.device == "cuda" for x in loaded)
         self.telemetry.tracing.attach_kafka(self.publisher.send_raw, asyncio.get_running_loop())
         await self.pipeline.start()
         self.ready = True
@@ -134,6 +155,69 @@ class Service:
             self.cfg.kafka.group_id,
             self.cfg.kafka.bootstrap_servers,
         )
+
+    # -- changing models while running -------------------------------------------------------
+    async def swap_model(self, cfg: ModelConfig) -> str:
+        """Load ``cfg`` beside the serving version; new records use it once it is warm."""
+        loaded = await self.registry.swap(cfg)
+        assert loaded.model is not None
+        self.telemetry.model_loaded(loaded.info, loaded.model.timings.phases)
+        return loaded.ref
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file (SIGHUP) and swap every model whose entry changed."""
+        if self.config_path is None:
+            raise ConfigError("no config file to re-read (started without --config)")
+        new = load_config(self.config_path)
+        changed = []
+        for cfg in new.model_list():
+            current = {x.info.name: x for x in self.registry.active()}.get(cfg.name)
+            if current is None or current.cfg != cfg:
+                changed.append(await self.swap_model(cfg))
+        other = {k for k in StreamerConfig.model_fields if k not in ("model", "models")}
+        if any(getattr(new, k) != getattr(self.cfg, k) for k in other):
+            log.warning("reload: only models change while running; restart for other settings")
+        return changed
+
+    def _on_sighup(self) -> None:
+        async def reload() -> None:
+            try:
+                changed = await self.reload()
+                log.info("reload: %s", ", ".join(changed) or "no model changed")
+            except (ConfigError, SwapFailed) as exc:
+                log.error("reload failed, serving as before: %s", exc)
+
+        task = asyncio.ensure_future(reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _admin_list(self, _: web.Request) -> web.Response:
+        return web.json_response([
+            {"name": x.info.name, "version": x.info.version, "fingerprint": x.info.fingerprint,
+             "active": not x.retired, "in_flight": x.in_flight}
+            for x in self.registry.loaded()
+        ])
+
+    async def _admin_swap(self, request: web.Request) -> web.Response:
+        """POST a model entry (as in the config file) to load it beside the current one."""
+        try:
+            body = await request.json()
+            current = {x.info.name: x.cfg for x in self.registry.active()}.get(body.get("name"))
+            base = current.model_dump() if current is not None else {}
+            cfg = ModelConfig(**{**base, **body})
+        except (ValueError, ValidationError, AttributeError) as exc:
+            return web.json_response({"error": f"bad model entry: {exc}"}, status=400)
+        try:
+            ref = await self.swap_model(cfg)
+        except SwapFailed as exc:
+            return web.json_response({"error": str(exc)}, status=422)
+        return web.json_response({"serving": ref})
+
+    async def _admin_reload(self, _: web.Request) -> web.Response:
+        try:
+            return web.json_response({"swapped": await self.reload()})
+        except (ConfigError, SwapFailed) as exc:
+            return web.json_response({"error": str(exc)}, status=422)
 
     async def run(self) -> int:
         """Run until a stop is requested (exit 0) or a stage fails (exit 1)."""
@@ -164,12 +248,13 @@ class Service:
         await self.health.stop()
 
 
-async def serve(cfg: StreamerConfig) -> int:
-    """``streamer run``: the service in the foreground until SIGTERM/SIGINT."""
-    service = Service(cfg)
+async def serve(cfg: StreamerConfig, config_path: Path | None = None) -> int:
+    """``streamer run``: the service in the foreground until SIGTERM/SIGINT; SIGHUP reloads."""
+    service = Service(cfg, config_path=config_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, service._on_sighup)
     try:
         await service.start()
     except BaseException:

@@ -8,10 +8,10 @@ A batch is released when any of these holds:
   will not fill — at low load latency is one batch time, at high load batches fill;
 * the batcher is closed (drain).
 
-The batch is built around the *oldest* waiting record (so none starves) from its neighbours in
-length order, growing towards whichever side adds the least padding, until the size limit or
-the padded-token budget (rows × longest row) would be exceeded. Waiting uses an event, never a
-sleep loop.
+A batch never mixes groups (models): it is built around the *oldest* waiting record (so none
+starves) from its neighbours of the same group in length order, growing towards whichever side
+adds the least padding, until the size limit or the padded-token budget (rows × longest row)
+would be exceeded. Waiting uses an event, never a sleep loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -33,6 +34,7 @@ class _Entry(Generic[T]):
     seq: int
     arrived: float
     item: T
+    group: Hashable = None
 
     def sort_key(self) -> tuple[int, int]:
         return (self.length, self.seq)
@@ -51,6 +53,7 @@ class Batcher(Generic[T]):
         max_wait_ms: float,
         length_of: Callable[[T], int],
         upstream_idle: Callable[[], bool] | None = None,
+        group_of: Callable[[T], Hashable] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1:
@@ -60,7 +63,10 @@ class Batcher(Generic[T]):
         self.max_wait_s = max_wait_ms / 1000.0
         self._length_of = length_of
         self._upstream_idle = upstream_idle
+        self._group_of = group_of
         self._clock = clock
+        self._group_rows: Counter[Hashable] = Counter()
+        self._group_tokens: Counter[Hashable] = Counter()
         self._sorted: list[_Entry[T]] = []  # by (length, seq)
         self._tokens = 0
         self._seq = itertools.count()
@@ -77,9 +83,12 @@ class Batcher(Generic[T]):
     def put(self, item: T) -> None:
         if self._closed:
             raise BatcherClosed("batcher is closed")
-        entry = _Entry(max(1, self._length_of(item)), next(self._seq), self._clock(), item)
+        group = self._group_of(item) if self._group_of is not None else None
+        entry = _Entry(max(1, self._length_of(item)), next(self._seq), self._clock(), item, group)
         bisect.insort(self._sorted, entry, key=_Entry.sort_key)
         self._tokens += entry.length
+        self._group_rows[group] += 1
+        self._group_tokens[group] += entry.length
         self._wakeup.set()
 
     def put_many(self, items: list[T]) -> None:
@@ -102,7 +111,16 @@ class Batcher(Generic[T]):
             (gone if predicate(e.item) else keep).append(e)
         self._sorted = keep
         self._tokens = sum(e.length for e in keep)
+        for e in gone:
+            self._forget(e)
         return [e.item for e in gone]
+
+    def _forget(self, e: _Entry[T]) -> None:
+        self._group_rows[e.group] -= 1
+        self._group_tokens[e.group] -= e.length
+        if self._group_rows[e.group] <= 0:
+            del self._group_rows[e.group]
+            del self._group_tokens[e.group]
 
     def _deadline(self) -> float:
         oldest = min(self._sorted, key=lambda e: e.seq)
@@ -113,8 +131,9 @@ class Batcher(Generic[T]):
             return False
         if self._closed:
             return True
-        if len(self._sorted) >= self.max_batch_size or self._tokens >= self.max_batch_tokens:
-            return True
+        for group, rows in self._group_rows.items():
+            if rows >= self.max_batch_size or self._group_tokens[group] >= self.max_batch_tokens:
+                return True
         if self._clock() >= self._deadline():
             return True
         return self._upstream_idle is not None and self._upstream_idle()
@@ -136,8 +155,9 @@ class Batcher(Generic[T]):
                 pass
 
     def _take(self) -> list[T]:
-        entries = self._sorted
-        oldest = min(range(len(entries)), key=lambda i: entries[i].seq)
+        first = min(self._sorted, key=lambda e: e.seq)
+        entries = [e for e in self._sorted if e.group == first.group]  # one group per batch
+        oldest = entries.index(first)
         lo, hi = oldest, oldest + 1  # window [lo, hi) in length order
         longest = entries[oldest].length
         budget = self.max_batch_tokens
@@ -159,6 +179,9 @@ class Batcher(Generic[T]):
                 longest = entries[hi].length
                 hi += 1
         taken = entries[lo:hi]
-        del entries[lo:hi]
+        gone = {id(e) for e in taken}
+        self._sorted = [e for e in self._sorted if id(e) not in gone]
         self._tokens -= sum(e.length for e in taken)
+        for e in taken:
+            self._forget(e)
         return [e.item for e in taken]

@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     from streamer.app import serve
 
     try:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, args.config))
     except Exception as exc:
         logging.getLogger("streamer").error("fatal: %s: %s", type(exc).__name__, exc)
         return 1

@@ -138,6 +138,34 @@ class InputConfig(_Section):
     )
 
 
+class PinsConfig(_Section):
+    """Pins for a model directory: per-file sha256 (hex) and/or the manifest hash.
+
+    The manifest hash is the model's fingerprint (``streamer check-model PATH`` prints it):
+    a sha256 over the names and bytes of the weight, config and tokenizer files.
+    """
+
+    files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
+    manifest_sha256: str | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _hex(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, digest in value.items():
+            d = digest.removeprefix("sha256:").lower()
+            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+                raise ValueError(f"pin for {name} is not a sha256 hex digest")
+        return {k: v.removeprefix("sha256:").lower() for k, v in value.items()}
+
+
+class RoutingConfig(_Section):
+    """Which model serves a record: its header, else its topic, else the default."""
+
+    header: str = "streamer.model"
+    by_topic: dict[str, str] = Field(default_factory=dict, description="input topic -> model")
+    default: str | None = Field(default=None, description="default: the first model")
+
+
 class ModelConfig(_Section):
     name: str = "minilm"
     version: str = "unversioned"
@@ -151,6 +179,30 @@ class ModelConfig(_Section):
     max_length: int = Field(default=256, ge=2)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    backend: Literal["torch", "onnxruntime", "openvino"] = Field(
+        default="torch", description="onnxruntime/openvino: exported once, cached on disk"
+    )
+    quantize: Literal["none", "int8"] = Field(
+        default="none", description="int8: dynamic quantization of the linear layers (CPU)"
+    )
+    onnx_cache_dir: Path | None = Field(
+        default=None, description="exported models; default $XDG_CACHE_HOME/streamer/onnx"
+    )
+    pins: PinsConfig = Field(
+        default_factory=lambda: PinsConfig(),
+        description="expected sha256 of files (or of the manifest): refuse to start on mismatch",
+    )
+
+    @field_validator("name", "version")
+    @classmethod
+    def _no_at(cls, value: str) -> str:
+        if "@" in value or not value.strip():
+            raise ValueError(f"'{value}' must be non-empty and contain no '@' (name@version)")
+        return value
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
 
     @field_validator("path")
     @classmethod
@@ -162,6 +214,23 @@ class ModelConfig(_Section):
         if not (value / "config.json").is_file():
             raise ValueError(f"{value} has no config.json: not a Hugging Face model directory")
         return value
+
+    @model_validator(mode="after")
+    def _backend_combo(self) -> ModelConfig:
+        half = self.dtype in ("float16", "bfloat16")
+        if self.quantize == "int8" and (self.device == "cuda" or half):
+            raise ValueError(
+                "quantize: int8 is dynamic quantization for CPUs; on CUDA use dtype float16 or "
+                "bfloat16 with quantize: none (device auto picks the CPU for int8)"
+            )
+        if self.backend != "torch" and half:
+            raise ValueError(
+                f"backend {self.backend} runs the float32 export; half precision (dtype "
+                f"{self.dtype}) needs backend: torch"
+            )
+        if self.backend == "openvino" and self.device == "cuda":
+            raise ValueError("backend openvino runs on the CPU here; use device cpu or auto")
+        return self
 
 
 class BatchingConfig(_Section):
@@ -196,7 +265,10 @@ class RuntimeConfig(_Section):
 
 
 class OutputConfig(_Section):
-    embedding_encoding: Literal["float"] = "float"
+    embedding_encoding: Literal["float", "base64-f16", "base64-f32"] = Field(
+        default="float",
+        description="float: JSON numbers; base64-f16/-f32: little-endian bytes (4x/2x smaller)",
+    )
 
 
 class HttpConfig(_Section):
@@ -206,6 +278,10 @@ class HttpConfig(_Section):
     port: int = Field(default=8080, ge=0, le=65535, description="0 turns the server off")
     stuck_after_s: float = Field(
         default=120, gt=0, description="/healthz fails when one batch runs longer than this"
+    )
+    admin: bool = Field(
+        default=False,
+        description="serve /admin/models and /admin/reload (load new model versions)",
     )
 
 
@@ -244,6 +320,10 @@ class StreamerConfig(BaseSettings):
     kafka: KafkaConfig = KafkaConfig()
     input: InputConfig = InputConfig()
     model: ModelConfig = ModelConfig()
+    models: list[ModelConfig] = Field(
+        default_factory=list, description="several models; replaces `model` when given"
+    )
+    routing: RoutingConfig = RoutingConfig()
     batching: BatchingConfig = BatchingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
@@ -263,13 +343,35 @@ class StreamerConfig(BaseSettings):
         # The environment overrides the file (init kwargs carry the YAML).
         return env_settings, init_settings
 
+    @model_validator(mode="after")
+    def _models(self) -> StreamerConfig:
+        names = [m.name for m in self.model_list()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: names must be unique, repeated: {dupes}")
+        known = set(names)
+        for topic, name in self.routing.by_topic.items():
+            if name not in known:
+                raise ValueError(f"routing.by_topic: {topic} -> '{name}' is not a model {names}")
+        if self.routing.default is not None and self.routing.default not in known:
+            raise ValueError(f"routing.default: '{self.routing.default}' is not a model {names}")
+        return self
+
+    def model_list(self) -> list[ModelConfig]:
+        """The models this service loads: ``models`` when given, else ``model``."""
+        return list(self.models) if self.models else [self.model]
+
     def require_model_path(self) -> Path:
-        if self.model.path is None:
-            raise ConfigError(
-                "model.path: not set. Point it at a local model directory "
-                "(config file or STREAMER_MODEL__PATH), e.g. the one `streamer demo` uses."
-            )
-        return self.model.path
+        for i, m in enumerate(self.model_list()):
+            if m.path is None:
+                key = f"models.{i}.path" if self.models else "model.path"
+                raise ConfigError(
+                    f"{key}: not set. Point it at a local model directory "
+                    "(config file or STREAMER_MODEL__PATH), e.g. the one `streamer demo` uses."
+                )
+        path = self.model_list()[0].path
+        assert path is not None
+        return path
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -5,7 +5,9 @@ starts, then loads the model and warms it up, all before the consumer joins the 
 loop only awaits futures from these threads, so heartbeats keep flowing while a batch runs.
 
 A batch that fails is split in halves until the failing record(s) are found: only those become
-:class:`~streamer.records.InferenceFailed`; the rest still get results.
+:class:`~streamer.records.InferenceFailed`; the rest still get results. Running out of (CUDA)
+memory is handled the same way, after the allocator's cache is emptied, and reported through
+``on_oom`` so the batch budget can shrink; only a single record that still does not fit fails.
 """
 
 from __future__ import annotations
@@ -40,22 +42,22 @@ class InferenceWorker:
 
     def __init__(
         self,
-        model_factory: Callable[[], TextModel],
         runtime: RuntimeConfig,
         *,
         warmup_batch_size: int = 64,
         warmup_batch_tokens: int = 8192,
     ) -> None:
-        self._factory = model_factory
         self._runtime = runtime
         self._warmup = (warmup_batch_size, warmup_batch_tokens)
         self._infer_pool: ThreadPoolExecutor | None = None
         self._cpu_pool: ThreadPoolExecutor | None = None
         self._load_pool: ThreadPoolExecutor | None = None
-        self.model: TextModel | None = None
         self.busy_since: float | None = None  # monotonic start of the running batch
         self.thread_ident: int | None = None
         self._thread: threading.Thread | None = None
+        # Called on the inference thread with the padded tokens (rows x longest row) of a batch
+        # that ran out of CUDA memory, e.g. to lower the batcher's token budget for a while.
+        self.on_oom: Callable[[int], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _init_infer_thread(self) -> None:
@@ -97,14 +99,11 @@ class InferenceWorker:
         if cores and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, set(cores))
 
-    async def load(self, factory: Callable[[], TextModel] | None = None) -> TextModel:
+    async def load(self, factory: Callable[[], TextModel]) -> TextModel:
         """Load and warm up a model on the loader thread (the serving model keeps serving)."""
         assert self._load_pool is not None, "start() first"
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(self._load_pool, self._load, factory or self._factory)
-        if self.model is None:
-            self.model = model
-        return model
+        return await loop.run_in_executor(self._load_pool, self._load, factory)
 
     def _load(self, factory: Callable[[], TextModel]) -> TextModel:
         model = factory()
@@ -170,10 +169,29 @@ class InferenceWorker:
             out = model.forward(batch)
             return list(model.postprocess(out, len(batch)))
         except Exception as exc:
-            if len(batch) == 1:
-                log.warning("inference failed for one record: %s: %s", type(exc).__name__, exc)
-                return [
-                    InferenceFailed(f"model failed on this record: {type(exc).__name__}: {exc}")
-                ]
-            mid = len(batch) // 2
-            return self._bisect(model, batch[:mid]) + self._bisect(model, batch[mid:])
+            import torch
+
+            # Out of memory is the batch's size, not a record's fault: the halves may fit.
+            oom = isinstance(exc, torch.cuda.OutOfMemoryError) or (
+                isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+            )
+            what = f"{type(exc).__name__}: {exc}"
+        # Past the except block the failed attempt's traceback, and the tensors its frames
+        # held, are gone, so empty_cache() can hand that memory back.
+        if oom:
+            padded = len(batch) * max(len(ids) for ids in batch)
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            log.warning(
+                "out of memory on a batch of %d rows, %d padded tokens%s",
+                len(batch),
+                padded,
+                "; splitting it and retrying the halves" if len(batch) > 1 else "",
+            )
+            if self.on_oom is not None:
+                self.on_oom(padded)
+        if len(batch) == 1:
+            log.warning("inference failed for one record: %s", what)
+            return [InferenceFailed(f"model failed on this record: {what}")]
+        mid = len(batch) // 2
+        return self._bisect(model, batch[:mid]) + self._bisect(model, batch[mid:])

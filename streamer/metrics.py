@@ -40,6 +40,8 @@ class StateSource:
         self.in_flight: Callable[[], int] = lambda: 0
         self.paused_partitions: Callable[[], int] = lambda: 0
         self.assigned_partitions: Callable[[], int] = lambda: 0
+        # (name, version, fingerprint, task, device, dtype, memory bytes) per loaded model
+        self.models: Callable[[], Iterable[tuple[str, str, str, str, str, str, int]]] = tuple
         self.cuda: bool = False
 
 
@@ -73,6 +75,21 @@ class _StateCollector(Collector):
             "Partitions assigned to this instance",
             value=s.assigned_partitions(),
         )
+        info = GaugeMetricFamily(
+            "streamer_model_info",
+            "Loaded model versions (several while a new version takes over)",
+            labels=["name", "version", "fingerprint", "task", "device", "dtype"],
+        )
+        memory = GaugeMetricFamily(
+            "streamer_model_memory_bytes",
+            "Parameter and buffer bytes of each loaded model version",
+            labels=["name", "version"],
+        )
+        for *labels, mem in s.models():
+            info.add_metric(labels, 1)
+            memory.add_metric(labels[:2], mem)
+        yield info
+        yield memory
         with self._proc.oneshot():
             mem = self._proc.memory_info()
             cpu = self._proc.cpu_times()
@@ -111,8 +128,8 @@ class Metrics:
         )
         self.published = Counter(
             "streamer_records_published",
-            "Results acknowledged by the broker, by input topic",
-            ["topic"],
+            "Results acknowledged by the broker, by input topic and model",
+            ["topic", "model"],
             registry=r,
         )
         self.dead_lettered = Counter(
@@ -122,17 +139,23 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "streamer_batch_size_records", "Records per batch", buckets=SIZE_BUCKETS, registry=r
+            "streamer_batch_size_records",
+            "Records per batch",
+            ["model"],
+            buckets=SIZE_BUCKETS,
+            registry=r,
         )
         self.batch_tokens = Histogram(
             "streamer_batch_tokens",
             "Padded tokens (rows x longest row) per batch",
+            ["model"],
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
         self.padding_ratio = Histogram(
             "streamer_batch_padding_ratio",
             "Share of a batch's padded tokens that are padding",
+            ["model"],
             buckets=RATIO_BUCKETS,
             registry=r,
         )
@@ -151,6 +174,7 @@ class Metrics:
         self.inference = Histogram(
             "streamer_inference_duration_seconds",
             "Model forward + postprocess for one batch",
+            ["model"],
             buckets=STAGE_BUCKETS,
             registry=r,
         )
@@ -165,20 +189,14 @@ class Metrics:
         )
         self.model_load = Gauge(
             "streamer_model_load_seconds",
-            "Cold start by phase (framework, tokenizer, weights, device, warmup, ...)",
-            ["phase"],
+            "Cold start by phase (fingerprint, framework, tokenizer, weights, device, warmup)",
+            ["model", "phase"],
             registry=r,
         )
         self.build_info = Gauge(
             "streamer_build_info",
             "Versions of streamer and its runtime",
             _BUILD_LABELS,
-            registry=r,
-        )
-        self.model_info = Gauge(
-            "streamer_model_info",
-            "The model serving results",
-            ["name", "version", "fingerprint", "task", "device", "dtype"],
             registry=r,
         )
         self.build_info.labels(*_build_values()).set(1)

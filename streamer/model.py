@@ -11,7 +11,6 @@ never on the event loop.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import time
@@ -22,11 +21,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamer.config import ModelConfig
+from streamer.modelcheck import (
+    ModelCheckError,
+    ModelFiles,
+    check_compat,
+    raise_on_errors,
+    scan,
+    verify_pins,
+)
 from streamer.records import ModelInfo
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx")
 
 
 @dataclass(slots=True)
@@ -56,19 +62,25 @@ class TextModel(Protocol):
     def warmup(self, max_batch_size: int, max_batch_tokens: int) -> float: ...
 
 
-def weight_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+def _check_room(files: ModelFiles, device: str, ref: str) -> None:
+    """Fail clearly, before loading, when the device cannot hold the weights."""
+    import psutil
 
+    need = sum(p.stat().st_size for p in files.weights)
+    if device == "cuda":
+        import torch
 
-def fingerprint(files: list[Path], root: Path) -> str:
-    """sha256 over (relative name, content) of ``files``: equal only for identical bytes."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(root)).encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()
+        free = torch.cuda.mem_get_info()[0]
+        where = "free GPU memory"
+    else:
+        free = psutil.virtual_memory().available
+        where = "available memory"
+    if need > free:
+        raise ModelCheckError(
+            f"model {ref} needs about {need / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB of "
+            f"{where} is left (other models loaded?): give the instance more memory, load "
+            "fewer models, or use a smaller dtype"
+        )
 
 
 def resolve_device(requested: str) -> str:
@@ -105,6 +117,12 @@ class HFTextModel:
         path = Path(cfg.path)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # Hash and check the pins before anything is loaded: a drifted file never serves.
+        t = time.perf_counter()
+        self.files: ModelFiles = scan(path)
+        verify_pins(self.files, cfg.pins, cfg.ref)
+        self.timings.phases["fingerprint"] = time.perf_counter() - t
+
         t = time.perf_counter()
         import torch
         import transformers
@@ -117,15 +135,13 @@ class HFTextModel:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is None:
-            raise RuntimeError(f"{path}: no fast tokenizer (tokenizer.json) found")
+            raise ModelCheckError(f"{path}: no fast tokenizer (tokenizer.json) found")
         self.timings.phases["tokenizer"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        files = weight_files(path)
-        if not files:
-            raise RuntimeError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        _check_room(self.files, self.device, cfg.ref)
         torch_dtype = getattr(torch, self.dtype)
         auto = (
             transformers.AutoModelForSequenceClassification
@@ -136,13 +152,19 @@ class HFTextModel:
         model.eval()
         self.timings.phases["weights"] = time.perf_counter() - t
 
+        self.findings = check_compat(tok, model, cfg)
+        for f in self.findings:
+            if f.level == "warning":
+                log.warning("model %s: %s: %s", cfg.ref, f.check, f.message)
+        raise_on_errors(self.findings, cfg.ref, path)
+
         t = time.perf_counter()
         model.to(self.device)
         self.timings.phases["device"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        fp = fingerprint(files, path)
-        self.timings.phases["fingerprint"] = time.perf_counter() - t
+        self.memory_bytes = sum(
+            t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+        )
+        fp = self.files.fingerprint
 
         mcfg = model.config
         limits = [cfg.max_length]

@@ -48,12 +48,12 @@ from streamer.publisher import Outgoing, Publisher
 from streamer.records import (
     InputRecord,
     Job,
-    ModelInfo,
     RecordError,
     ResultTooLarge,
     TextTooLong,
     TopicPartition,
 )
+from streamer.registry import ModelRegistry
 from streamer.telemetry import Telemetry
 from streamer.tracecontext import child_traceparent
 
@@ -94,11 +94,13 @@ class Pipeline:
         cfg: StreamerConfig,
         *,
         worker: InferenceWorker,
+        registry: ModelRegistry,
         publisher: Publisher,
         telemetry: Telemetry,
     ) -> None:
         self.cfg = cfg
         self.worker = worker
+        self.registry = registry
         self.publisher = publisher
         self.telemetry = telemetry
         self.tracing = telemetry.tracing
@@ -114,6 +116,7 @@ class Pipeline:
             max_wait_ms=b.max_wait_ms,
             length_of=lambda job: job.n_tokens,
             upstream_idle=self._upstream_idle,
+            group_of=lambda job: job.bound,  # never mix models (or versions) in a batch
         )
         self._tokenize_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
         self._publish_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
@@ -124,14 +127,11 @@ class Pipeline:
         self._failed = asyncio.Event()
         self._commit_wanted = asyncio.Event()
         self.joined = asyncio.Event()  # first assignment received
-        self.model_info: ModelInfo | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Join the group (the model must already be loaded and warm) and start the stages."""
-        model = self.worker.model
-        assert model is not None, "load the model before joining the group"
-        self.model_info = model.info
+        """Join the group (the models must already be loaded and warm) and start the stages."""
+        assert self.registry.ready, "load the models before joining the group"
         await self.consumer.start()
         for name, coro in (
             ("fetch", self._fetch_loop()),
@@ -262,9 +262,11 @@ class Pipeline:
             rec.generation = self.tracker.track(rec.tp, rec.offset)
             try:
                 job = self.decoder.decode(rec)
+                job.bound = self.registry.route(rec)
             except RecordError as err:
                 self._dead_letter(rec, err)
                 continue
+            self.registry.acquire(job.bound)
             jobs.append(job)
         return jobs
 
@@ -277,37 +279,50 @@ class Pipeline:
                 self.batcher.close()
                 return
             self._tokenizing += 1
-            t0, t0_ns = time.perf_counter(), time.time_ns()
             try:
-                encs = await self.worker.tokenize(self.worker.model, [j.text for j in chunk])
+                for group in _by_model(chunk):
+                    await self._tokenize(group, on_too_long)
             finally:
                 self._tokenizing -= 1
-            self.telemetry.tokenized(time.perf_counter() - t0)
-            span_ns = (t0_ns, time.time_ns())
-            ready: list[Job] = []
-            for job, enc in zip(chunk, encs, strict=True):
-                if isinstance(enc, RecordError):
-                    self._dead_letter(job.record, enc)
-                    continue
-                assert isinstance(enc, Encoded)
-                if enc.truncated and on_too_long == "dlq":
-                    self._dead_letter(
-                        job.record,
-                        TextTooLong(
-                            f"text is longer than model.max_length={self.worker.model.max_length} "
-                            "tokens (input.on_too_long=dlq)"
-                        ),
-                    )
-                    continue
-                job.input_ids, job.truncated, job.tokenize_ns = enc.ids, enc.truncated, span_ns
-                if self._is_revoking(job.record):
-                    self._abandon(job)  # its partition is being handed over
-                    continue
-                ready.append(job)
-            self.batcher.put_many(ready)
             self.batcher.poke()
 
+    async def _tokenize(self, chunk: list[Job], on_too_long: str) -> None:
+        loaded = chunk[0].bound
+        t0, t0_ns = time.perf_counter(), time.time_ns()
+        encs = await self.worker.tokenize(loaded.model, [j.text for j in chunk])
+        self.telemetry.tokenized(time.perf_counter() - t0)
+        span_ns = (t0_ns, time.time_ns())
+        ready: list[Job] = []
+        for job, enc in zip(chunk, encs, strict=True):
+            if isinstance(enc, RecordError):
+                self._release(job)
+                self._dead_letter(job.record, enc)
+                continue
+            assert isinstance(enc, Encoded)
+            if enc.truncated and on_too_long == "dlq":
+                self._release(job)
+                self._dead_letter(
+                    job.record,
+                    TextTooLong(
+                        f"text is longer than model.max_length={loaded.model.max_length} "
+                        f"tokens of {loaded.ref} (input.on_too_long=dlq)"
+                    ),
+                )
+                continue
+            job.input_ids, job.truncated, job.tokenize_ns = enc.ids, enc.truncated, span_ns
+            if self._is_revoking(job.record):
+                self._abandon(job)  # its partition is being handed over
+                continue
+            ready.append(job)
+        self.batcher.put_many(ready)
+
+    def _release(self, job: Job) -> None:
+        """The job no longer needs its model (ran, or will not run here)."""
+        if job.bound is not None:
+            self.registry.release(job.bound)
+
     def _abandon(self, job: Job) -> None:
+        self._release(job)
         rec = job.record
         self.tracker.abandon(rec.tp, rec.offset, rec.generation)
 
@@ -333,26 +348,31 @@ class Pipeline:
             batch = kept
             if not batch:
                 continue
+            loaded = batch[0].bound
+            info = loaded.info
             ids = [j.input_ids or [] for j in batch]
             tokens = sum(len(x) for x in ids)
             padded = len(ids) * max(len(x) for x in ids)
-            self.telemetry.batch([j.record for j in batch], tokens, padded)
+            self.telemetry.batch([j.record for j in batch], tokens, padded, info.name)
             span = self._batch_span(batch, tokens, padded) if self.tracing.enabled else None
             inf_span = None
             if span is not None:
-                info = self.model_info
                 inf_span = self.tracing.start_span(
                     "inference",
                     parent=span,
                     attributes={
-                        "streamer.device": info.device if info else "",
-                        "streamer.dtype": info.dtype if info else "",
+                        "streamer.device": info.device,
+                        "streamer.dtype": info.dtype,
                         "messaging.batch.message_count": len(batch),
                     },
                 )
             t0 = time.perf_counter()
-            outcomes = await self.worker.infer(self.worker.model, ids)
-            self.telemetry.inferred(time.perf_counter() - t0)
+            try:
+                outcomes = await self.worker.infer(loaded.model, ids)
+            finally:
+                for job in batch:
+                    self._release(job)
+            self.telemetry.inferred(time.perf_counter() - t0, info.name)
             if inf_span is not None:
                 failed = sum(isinstance(o, RecordError) for o in outcomes)
                 if failed:
@@ -368,7 +388,7 @@ class Pipeline:
             ctx = self.tracing.extract(job.traceparent, job.tracestate)
             if ctx is not None:
                 links.append(Link(trace.get_current_span(ctx).get_span_context()))
-        info = self.model_info
+        info = batch[0].bound.info
         attrs = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
@@ -376,9 +396,9 @@ class Pipeline:
             "messaging.destination.name": topics[0] if len(topics) == 1 else ",".join(topics),
             "messaging.consumer.group.name": self.cfg.kafka.group_id,
             "messaging.batch.message_count": len(batch),
-            "streamer.model.name": info.name if info else "",
-            "streamer.model.version": info.version if info else "",
-            "streamer.model.fingerprint": info.fingerprint if info else "",
+            "streamer.model.name": info.name,
+            "streamer.model.version": info.version,
+            "streamer.model.fingerprint": info.fingerprint,
             "streamer.batch.tokens": tokens,
             "streamer.batch.padded_tokens": padded,
         }
@@ -400,13 +420,11 @@ class Pipeline:
             item = await self._publish_q.get()
             if item is _DONE:
                 return
-            model = self.model_info
-            assert model is not None
             countdown = None
             if item.span is not None:
                 pub_span = self.tracing.start_span("publish", parent=item.span)
                 countdown = _Countdown(len(item.jobs), [pub_span, item.span])
-            values = await self.worker.run_cpu(_encode_all, item.jobs, item.outcomes, model)
+            values = await self.worker.run_cpu(_encode_all, item.jobs, item.outcomes)
             for job, value in zip(item.jobs, values, strict=True):
                 if isinstance(value, RecordError):
                     self._dead_letter(job.record, value, countdown)
@@ -449,7 +467,7 @@ class Pipeline:
 
         def delivered() -> None:
             if self.tracker.done(rec.tp, rec.offset, rec.generation):
-                self.telemetry.published(rec)
+                self.telemetry.published(rec, job.bound.info.name)
                 self._commit_wanted.set()
             if span is not None:
                 span.end()
@@ -598,12 +616,19 @@ class Pipeline:
         await q.put(_DONE)
 
 
-def _encode_all(jobs: list[Job], outcomes: list[Outcome], model: ModelInfo) -> list[Any]:
+def _by_model(jobs: list[Job]) -> list[list[Job]]:
+    groups: dict[int, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(id(job.bound), []).append(job)
+    return list(groups.values())
+
+
+def _encode_all(jobs: list[Job], outcomes: list[Outcome]) -> list[Any]:
     """Serialise a batch's results (runs on the CPU worker thread, off the event loop)."""
     out: list[Any] = []
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, RecordError):
             out.append(outcome)
         else:
-            out.append(encode_result(job, outcome, model))
+            out.append(encode_result(job, outcome, job.bound.info))
     return out

@@ -51,7 +51,7 @@ class Job:
     tracestate: str | None = None
     input_ids: list[int] | None = None
     truncated: bool = False
-    model: str = ""  # routing key: which model serves it
+    bound: Any = None  # the registry.Loaded model version that serves it
     tokenize_ns: tuple[int, int] = (0, 0)  # wall-clock span of its tokenize call
     extra: dict[str, Any] = field(default_factory=dict)
 

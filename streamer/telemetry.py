@@ -64,12 +64,8 @@ class Telemetry:
         self._on_done.append(fn)
 
     def model_loaded(self, info: ModelInfo, phases: dict[str, float]) -> None:
-        m = self.metrics
         for phase, seconds in phases.items():
-            m.model_load.labels(phase).set(seconds)
-        m.model_info.labels(
-            info.name, info.version, info.fingerprint, info.task, info.device, info.dtype
-        ).set(1)
+            self.metrics.model_load.labels(f"{info.name}@{info.version}", phase).set(seconds)
 
     def consumed(self, records: list[InputRecord]) -> None:
         if records and self.stats.first_fetch_at is None:
@@ -82,28 +78,28 @@ class Telemetry:
     def tokenized(self, seconds: float) -> None:
         self.metrics.tokenize.observe(seconds)
 
-    def batch(self, records: list[InputRecord], tokens: int, padded: int) -> None:
+    def batch(self, records: list[InputRecord], tokens: int, padded: int, model: str) -> None:
         s, m = self.stats, self.metrics
         rows = len(records)
         s.batches += 1
         s.batch_rows += rows
         s.batch_tokens += tokens
         s.padded_tokens += padded
-        m.batch_size.observe(rows)
-        m.batch_tokens.observe(padded)
-        m.padding_ratio.observe(1 - tokens / padded if padded else 0.0)
+        m.batch_size.labels(model).observe(rows)
+        m.batch_tokens.labels(model).observe(padded)
+        m.padding_ratio.labels(model).observe(1 - tokens / padded if padded else 0.0)
         now = time.monotonic()
         for r in records:
             m.batch_wait.observe(now - r.fetched_at)
 
-    def inferred(self, seconds: float) -> None:
-        self.metrics.inference.observe(seconds)
+    def inferred(self, seconds: float, model: str) -> None:
+        self.metrics.inference.labels(model).observe(seconds)
 
     def rebalanced(self) -> None:
         self.metrics.rebalances.inc()
 
-    def published(self, record: InputRecord) -> None:
-        self.metrics.published.labels(record.topic).inc()
+    def published(self, record: InputRecord, model: str) -> None:
+        self.metrics.published.labels(record.topic, model).inc()
         self._done(record, None)
 
     def dead_lettered(self, record: InputRecord, error: RecordError) -> None:

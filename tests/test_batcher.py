@@ -119,3 +119,26 @@ async def test_remove_if_takes_items_out() -> None:
 def test_rejects_bad_limits() -> None:
     with pytest.raises(ValueError):
         make(max_batch_size=0)
+
+
+async def test_never_mixes_groups() -> None:
+    b: Batcher[tuple[str, int, str]] = Batcher(
+        max_batch_size=3, max_batch_tokens=10_000, max_wait_ms=HUGE,
+        length_of=lambda item: item[1], group_of=lambda item: item[2],
+    )
+    for i, model in enumerate(["a", "b", "a", "b", "b"]):
+        b.put((f"r{i}", 5, model))
+    # group b is full (3 records), so a batch is due; it is built around the oldest record
+    # (group a), from group a only
+    batch = await b.next_batch()
+    assert [x[0] for x in batch] == ["r0", "r2"]
+    b.close()
+    rest = []
+    while True:
+        try:
+            rest.append(await b.next_batch())
+        except BatcherClosed:
+            break
+    for group in [batch, *rest]:
+        assert len({x[2] for x in group}) == 1  # one model per batch
+    assert sum(len(g) for g in [batch, *rest]) == 5

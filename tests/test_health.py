@@ -49,7 +49,7 @@ async def test_readyz_waits_for_warmup_and_healthz_catches_a_wedged_model(
         None, **base_config(broker, tiny_model, topic, http={"port": port, "stuck_after_s": 1})
     )
     GatedModel.load_gate.clear()
-    svc = RunningService(cfg, model_factory=lambda: GatedModel(cfg.model))
+    svc = RunningService(cfg, model_factory=GatedModel)
     starting = asyncio.ensure_future(svc.__aenter__())
     try:
         for _ in range(50):

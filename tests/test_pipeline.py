@@ -148,7 +148,7 @@ async def test_inference_failure_dead_letters_only_the_culprit(
             broker, tiny_model, topic, batching={"max_batch_size": 32, "max_wait_ms": 200}
         ),
     )
-    async with RunningService(cfg, model_factory=lambda: PoisonModel(cfg.model)) as svc:
+    async with RunningService(cfg, model_factory=PoisonModel) as svc:
         await svc.wait_done(30)
     results = await read_topic(broker, f"{topic}.out", expect=29, settle_s=0.3)
     dlq = await read_topic(broker, f"{topic}.dlq", expect=1, settle_s=0.3)
@@ -240,8 +240,8 @@ async def test_two_consumers_share_partitions_and_lose_nothing_when_one_leaves(
             broker, tiny_model, topic, batching={"max_in_flight": 32, "max_batch_size": 8}
         ),
     )
-    a = RunningService(cfg, model_factory=lambda: SlowModel(cfg.model))
-    b = RunningService(cfg, model_factory=lambda: SlowModel(cfg.model))
+    a = RunningService(cfg, model_factory=SlowModel)
+    b = RunningService(cfg, model_factory=SlowModel)
     await a.__aenter__()
     await b.__aenter__()
     try:
@@ -325,7 +325,7 @@ async def test_broker_outage_is_retried_and_nothing_is_committed_ahead(
             ),
         )
         caplog.set_level("WARNING")
-        async with RunningService(cfg, model_factory=lambda: SlowModel(cfg.model)) as svc:
+        async with RunningService(cfg, model_factory=SlowModel) as svc:
             await svc.wait_done(200)
             await proxy.cut()
             published_at_cut = svc.service.telemetry.stats.published
