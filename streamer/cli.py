@@ -68,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-path", type=Path, help="model dir (default: bundled MiniLM)")
     demo.add_argument("--batch-size", type=int, default=64, help="batching.max_batch_size")
 
+    check = sub.add_parser(
+        "check-model",
+        help="report on a model directory: files and hashes, checks, load and warm-up times",
+        description="Hash every weight, config and tokenizer file (the manifest hash is the "
+        "fingerprint results carry, and what `pins.manifest_sha256` expects), check that the "
+        "tokenizer and model belong together and fit the task, then load and warm the model "
+        "and time each phase. Exit code 1 when it cannot be served.",
+    )
+    check.add_argument("path", type=Path, help="local model directory")
+    check.add_argument(
+        "--task", choices=["feature-extraction", "text-classification"],
+        default="feature-extraction",
+    )
+    check.add_argument("--max-length", type=int, default=256)
+    check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
     bench = sub.add_parser(
         "bench",
         help="offline model vs streamer end to end vs a per-record consumer",
@@ -104,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             from streamer.demo import run_demo
 
             return run_demo(args.records, args.model_path, args.batch_size)
+        if args.command == "check-model":
+            from streamer.checkmodel import run_check_model
+
+            return run_check_model(args.path, args.task, args.max_length, args.device)
         if args.command == "bench":
             from streamer.bench import run_bench
 
