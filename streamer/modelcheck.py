@@ -129,52 +129,75 @@ def check_compat(tokenizer: Any, model: Any, cfg: ModelConfig) -> list[Finding]:
     rows = model.get_input_embeddings().num_embeddings
     vocab = len(tokenizer)
     if vocab > rows:
-        out.append(Finding(
-            "error", "vocabulary",
-            f"the tokenizer has {vocab} tokens but the model has {rows} embedding rows: the "
-            "tokenizer belongs to a different model. Put the tokenizer files that were saved "
-            "with these weights in the directory.",
-        ))
+        out.append(
+            Finding(
+                "error",
+                "vocabulary",
+                f"the tokenizer has {vocab} tokens but the model has {rows} embedding rows: the "
+                "tokenizer belongs to a different model. Put the tokenizer files that were saved "
+                "with these weights in the directory.",
+            )
+        )
     elif vocab < rows * 0.5:
-        out.append(Finding(
-            "warning", "vocabulary",
-            f"the tokenizer has {vocab} tokens, far fewer than the model's {rows} embedding "
-            "rows: check that it was saved with these weights",
-        ))
+        out.append(
+            Finding(
+                "warning",
+                "vocabulary",
+                f"the tokenizer has {vocab} tokens, far fewer than the model's {rows} embedding "
+                "rows: check that it was saved with these weights",
+            )
+        )
     else:
         out.append(Finding("ok", "vocabulary", f"{vocab} tokens, {rows} embedding rows"))
 
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     tok_max = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
     if max_pos and tok_max and tok_max > max_pos:
-        out.append(Finding(
-            "warning", "max length",
-            f"the tokenizer allows {tok_max} tokens but the model has {max_pos} positions; "
-            f"inputs are truncated to {min(cfg.max_length, max_pos)}",
-        ))
+        out.append(
+            Finding(
+                "warning",
+                "max length",
+                f"the tokenizer allows {tok_max} tokens but the model has {max_pos} positions; "
+                f"inputs are truncated to {min(cfg.max_length, max_pos)}",
+            )
+        )
     else:
-        out.append(Finding(
-            "ok", "max length",
-            f"tokenizer {tok_max or 'unbounded'}, model positions {max_pos}, "
-            f"model.max_length {cfg.max_length}",
-        ))
+        out.append(
+            Finding(
+                "ok",
+                "max length",
+                f"tokenizer {tok_max or 'unbounded'}, model positions {max_pos}, "
+                f"model.max_length {cfg.max_length}",
+            )
+        )
 
     if tokenizer.pad_token_id is None:
-        out.append(Finding(
-            "error", "special tokens",
-            "the tokenizer has no pad token, so records cannot be batched: set pad_token in "
-            "tokenizer_config.json (e.g. to the eos or unk token)",
-        ))
+        out.append(
+            Finding(
+                "error",
+                "special tokens",
+                "the tokenizer has no pad token, so records cannot be batched: set pad_token in "
+                "tokenizer_config.json (e.g. to the eos or unk token)",
+            )
+        )
     elif cfg.task == "feature-extraction" and cfg.pooling == "cls" and tokenizer.cls_token is None:
-        out.append(Finding(
-            "error", "special tokens",
-            "model.pooling is 'cls' but the tokenizer has no cls token: use pooling: mean",
-        ))
+        out.append(
+            Finding(
+                "error",
+                "special tokens",
+                "model.pooling is 'cls' but the tokenizer has no cls token: use pooling: mean",
+            )
+        )
     else:
         missing = [t for t in ("cls_token", "sep_token") if getattr(tokenizer, t, None) is None]
         if missing:
-            out.append(Finding("warning", "special tokens",
-                               f"no {', '.join(missing)} (fine for models trained without)"))
+            out.append(
+                Finding(
+                    "warning",
+                    "special tokens",
+                    f"no {', '.join(missing)} (fine for models trained without)",
+                )
+            )
         else:
             out.append(Finding("ok", "special tokens", "pad, cls and sep present"))
 
@@ -184,26 +207,35 @@ def check_compat(tokenizer: Any, model: Any, cfg: ModelConfig) -> list[Finding]:
     arch_names = ", ".join(archs) or "no architectures listed"
     if cfg.task == "text-classification":
         if not has_head:
-            out.append(Finding(
-                "error", "task",
-                f"model.task is text-classification but the model ({arch_names}) has no "
-                "sequence-classification head: its classifier would be random. Use task: "
-                "feature-extraction, or a fine-tuned classifier.",
-            ))
+            out.append(
+                Finding(
+                    "error",
+                    "task",
+                    f"model.task is text-classification but the model ({arch_names}) has no "
+                    "sequence-classification head: its classifier would be random. Use task: "
+                    "feature-extraction, or a fine-tuned classifier.",
+                )
+            )
         elif all(str(v).startswith("LABEL_") for v in labels.values()):
-            out.append(Finding(
-                "warning", "task",
-                "the classifier's labels are generic (LABEL_0, …): set id2label in config.json",
-            ))
+            out.append(
+                Finding(
+                    "warning",
+                    "task",
+                    "the classifier's labels are generic (LABEL_0, …): set id2label in config.json",
+                )
+            )
         else:
             out.append(Finding("ok", "task", f"classifier with labels {sorted(labels.values())}"))
     else:
         if has_head:
-            out.append(Finding(
-                "warning", "task",
-                "the model has a classification head but model.task is feature-extraction: "
-                "embeddings come from the encoder and the head is ignored",
-            ))
+            out.append(
+                Finding(
+                    "warning",
+                    "task",
+                    "the model has a classification head but model.task is feature-extraction: "
+                    "embeddings come from the encoder and the head is ignored",
+                )
+            )
         else:
             out.append(Finding("ok", "task", f"encoder ({', '.join(archs) or 'unknown'})"))
     return out

@@ -105,12 +105,18 @@ class ModelRegistry:
             except Exception as exc:
                 log.error(
                     "new version %s failed to load (%s: %s); %s keeps serving",
-                    cfg.ref, type(exc).__name__, exc, current.ref if current else "nothing",
+                    cfg.ref,
+                    type(exc).__name__,
+                    exc,
+                    current.ref if current else "nothing",
                 )
                 raise SwapFailed(f"{cfg.ref} failed to load: {type(exc).__name__}: {exc}") from exc
             old = self._activate(new)
-            log.info("%s now serves new records%s", new.ref,
-                     f"; {old.ref} finishes {old.in_flight} in flight" if old else "")
+            log.info(
+                "%s now serves new records%s",
+                new.ref,
+                f"; {old.ref} finishes {old.in_flight} in flight" if old else "",
+            )
             return new
 
     def _maybe_release(self, loaded: Loaded) -> None:
