@@ -170,7 +170,9 @@ class ModelConfig(_Section):
     name: str = "minilm"
     version: str = "unversioned"
     path: Path | None = Field(
-        default=None, description="local directory with weights and tokenizer (no hub access)"
+        default=None,
+        description="local directory with weights and tokenizer (no hub access), or "
+        "models:/NAME/VERSION from an MLflow registry (mlflow extra)",
     )
     task: Literal["feature-extraction", "text-classification"] = "feature-extraction"
     pooling: Literal["mean", "cls"] = "mean"
@@ -209,6 +211,8 @@ class ModelConfig(_Section):
     def _path(cls, value: Path | None) -> Path | None:
         if value is None:
             return None
+        if str(value).startswith("models:"):  # MLflow registry: resolved when loading
+            return value
         if not value.is_dir():
             raise ValueError(f"{value} is not a directory (weights + tokenizer files expected)")
         if not (value / "config.json").is_file():

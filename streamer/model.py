@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from streamer import mlflow_models
 from streamer.config import ModelConfig
 from streamer.modelcheck import (
     ModelCheckError,
@@ -32,7 +33,6 @@ from streamer.modelcheck import (
 from streamer.records import ModelInfo
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(slots=True)
@@ -115,6 +115,11 @@ class HFTextModel:
         if cfg.path is None:
             raise RuntimeError("model.path is not set")
         path = Path(cfg.path)
+        if mlflow_models.is_registry_uri(cfg.path):
+            t = time.perf_counter()
+            path = mlflow_models.resolve(str(cfg.path))
+            self.timings.phases["download"] = time.perf_counter() - t
+        self.path = path
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         # Hash and check the pins before anything is loaded: a drifted file never serves.

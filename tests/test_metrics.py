@@ -56,7 +56,7 @@ async def test_metrics_match_the_stream_and_lag_drains(
             await asyncio.sleep(0.1)
         assert lag == [0, 0]
     assert value(fam, "streamer_records_consumed_total", topic=topic) == good + bad
-    assert value(fam, "streamer_records_published_total", topic=topic) == good
+    assert value(fam, "streamer_records_published_total", topic=topic, model="tiny") == good
     assert (
         value(fam, "streamer_records_dead_lettered_total", topic=topic, reason="InvalidJson") == bad
     )
@@ -78,7 +78,8 @@ async def test_metrics_match_the_stream_and_lag_drains(
     assert value(fam, "streamer_process_resident_memory_bytes") > 10_000_000
     assert value(fam, "streamer_process_cpu_seconds_total") > 0
     for phase in ("framework", "tokenizer", "weights", "warmup"):
-        assert value(fam, "streamer_model_load_seconds", phase=phase) >= 0
+        assert value(fam, "streamer_model_load_seconds", model="tiny@1", phase=phase) >= 0
+    assert value(fam, "streamer_model_memory_bytes", name="tiny", version="1") > 10_000
     info = fam["streamer_model_info"][0].labels
     assert info["name"] == "tiny" and info["fingerprint"].startswith("sha256:")
     build = fam["streamer_build_info"][0].labels
