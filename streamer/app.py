@@ -80,8 +80,15 @@ class Service:
         state.paused_partitions = self._paused_partitions
         state.assigned_partitions = lambda: len(self.pipeline.tracker.partitions())
         state.models = lambda: [
-            (i.name, i.version, i.fingerprint, i.task, i.device, i.dtype,
-             getattr(loaded.model, "memory_bytes", 0))
+            (
+                i.name,
+                i.version,
+                i.fingerprint,
+                i.task,
+                i.device,
+                i.dtype,
+                getattr(loaded.model, "memory_bytes", 0),
+            )
             for loaded in self.registry.loaded()
             for i in (loaded.info,)
         ]
@@ -141,7 +148,11 @@ class Service:
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in model.timings.phases.items())
             log.info(
                 "model %s (%s) ready on %s/%s: %s",
-                item.ref, item.info.fingerprint[:19], item.info.device, item.info.dtype, phases,
+                item.ref,
+                item.info.fingerprint[:19],
+                item.info.device,
+                item.info.dtype,
+                phases,
             )
         log.info("%d model(s) loaded and warm in %.2fs", len(loaded), time.perf_counter() - t)
         await self.publisher.start()
@@ -192,11 +203,18 @@ class Service:
         task.add_done_callback(self._background.discard)
 
     async def _admin_list(self, _: web.Request) -> web.Response:
-        return web.json_response([
-            {"name": x.info.name, "version": x.info.version, "fingerprint": x.info.fingerprint,
-             "active": not x.retired, "in_flight": x.in_flight}
-            for x in self.registry.loaded()
-        ])
+        return web.json_response(
+            [
+                {
+                    "name": x.info.name,
+                    "version": x.info.version,
+                    "fingerprint": x.info.fingerprint,
+                    "active": not x.retired,
+                    "in_flight": x.in_flight,
+                }
+                for x in self.registry.loaded()
+            ]
+        )
 
     async def _admin_swap(self, request: web.Request) -> web.Response:
         """POST a model entry (as in the config file) to load it beside the current one."""

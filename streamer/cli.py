@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("path", type=Path, help="local model directory")
     check.add_argument(
-        "--task", choices=["feature-extraction", "text-classification"],
+        "--task",
+        choices=["feature-extraction", "text-classification"],
         default="feature-extraction",
     )
     check.add_argument("--max-length", type=int, default=256)

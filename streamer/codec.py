@@ -6,7 +6,8 @@ Decoding is cheap (orjson) and runs on the event loop; a record that cannot be d
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -123,8 +124,51 @@ def _is_bad_utf8(value: bytes) -> bool:
     return False
 
 
-def encode_result(job: Job, result: dict[str, Any], model: ModelInfo) -> bytes:
-    """The result value: ``{"id", "result", "model", "source"}`` as JSON (numpy-aware)."""
+EmbeddingEncoding = Literal["float", "base64-f16", "base64-f32"]
+_B64_DTYPES = {"base64-f16": ("<f2", "float16"), "base64-f32": ("<f4", "float32")}
+
+
+def encode_embedding(vector: Any, encoding: EmbeddingEncoding) -> dict[str, Any]:
+    """The ``result`` of an embedding in ``encoding``.
+
+    ``float`` keeps ``{"embedding": [...]}`` (orjson writes the numpy array, ~10 bytes a
+    number); ``base64-f16``/``-f32`` carry the little-endian bytes instead, 4x/2x smaller and
+    cheaper to produce: ``{"embedding_b64": "...", "dtype": "float16", "dim": 384}``.
+    """
+    if encoding == "float":
+        return {"embedding": vector}
+    try:
+        np_dtype, name = _B64_DTYPES[encoding]
+    except KeyError:
+        raise ValueError(f"unknown embedding encoding {encoding!r}") from None
+    arr = np.asarray(vector, dtype=np_dtype).reshape(-1)
+    return {
+        "embedding_b64": base64.b64encode(arr.tobytes()).decode("ascii"),
+        "dtype": name,
+        "dim": int(arr.shape[0]),
+    }
+
+
+def decode_embedding(result: dict[str, Any]) -> np.ndarray:
+    """An embedding back from a result in any encoding (for consumers and tests)."""
+    if "embedding_b64" in result:
+        np_dtype = "<f2" if result["dtype"] == "float16" else "<f4"
+        return np.frombuffer(base64.b64decode(result["embedding_b64"]), dtype=np_dtype)
+    return np.asarray(result["embedding"], dtype=np.float32)
+
+
+def encode_result(
+    job: Job, result: dict[str, Any], model: ModelInfo, encoding: EmbeddingEncoding = "float"
+) -> bytes:
+    """The result value: ``{"id", "result", "model", "source"}`` as JSON (numpy-aware).
+
+    ``encoding`` applies to embeddings only; classification results are unchanged.
+    """
+    if encoding != "float" and "embedding" in result:
+        result = {
+            **{k: v for k, v in result.items() if k != "embedding"},
+            **encode_embedding(result["embedding"], encoding),
+        }
     rec = job.record
     doc = {
         "id": job.record_id,

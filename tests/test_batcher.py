@@ -123,8 +123,11 @@ def test_rejects_bad_limits() -> None:
 
 async def test_never_mixes_groups() -> None:
     b: Batcher[tuple[str, int, str]] = Batcher(
-        max_batch_size=3, max_batch_tokens=10_000, max_wait_ms=HUGE,
-        length_of=lambda item: item[1], group_of=lambda item: item[2],
+        max_batch_size=3,
+        max_batch_tokens=10_000,
+        max_wait_ms=HUGE,
+        length_of=lambda item: item[1],
+        group_of=lambda item: item[2],
     )
     for i, model in enumerate(["a", "b", "a", "b", "b"]):
         b.put((f"r{i}", 5, model))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from streamer import records as r
-from streamer.codec import Decoder, dlq_headers, encode_result, result_headers
-from streamer.config import InputConfig
+from streamer.codec import Decoder, decode_embedding, dlq_headers, encode_result, result_headers
+from streamer.config import InputConfig, OutputConfig
 from streamer.tracecontext import child_traceparent, parse_traceparent
 
 
@@ -71,6 +74,45 @@ def test_result_document() -> None:
         "model": {"name": "m", "version": "2", "fingerprint": "sha256:ab"},
         "source": {"topic": "in", "partition": 2, "offset": 41},
     }
+
+
+@pytest.mark.parametrize(
+    ("encoding", "dtype", "atol"), [("base64-f32", "float32", 0.0), ("base64-f16", "float16", 1e-3)]
+)
+def test_base64_embeddings_decode_back(encoding: str, dtype: str, atol: float) -> None:
+    job = Decoder(InputConfig()).decode(rec(b'{"id": 7, "text": "x"}'))
+    info = r.ModelInfo("m", "2", "sha256:ab", "feature-extraction")
+    vec = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    vec /= np.linalg.norm(vec)
+    value = encode_result(job, {"embedding": vec}, info, encoding=encoding)
+    doc = orjson.loads(value)
+    res = doc["result"]
+    assert set(res) == {"embedding_b64", "dtype", "dim"}
+    assert res["dtype"] == dtype and res["dim"] == 384
+    # the documented one-liner (README, "Output encodings")
+    back = np.frombuffer(
+        base64.b64decode(res["embedding_b64"]), np.dtype(res["dtype"]).newbyteorder("<")
+    )
+    np.testing.assert_allclose(back.astype(np.float32), vec, atol=atol, rtol=0)
+    np.testing.assert_array_equal(decode_embedding(res), back)
+    assert doc["id"] == 7 and doc["model"]["name"] == "m"
+    float_value = encode_result(job, {"embedding": vec}, info)
+    assert len(value) < len(float_value) / (2 if dtype == "float32" else 3.5)
+
+
+def test_encoding_leaves_classification_results_alone() -> None:
+    job = Decoder(InputConfig()).decode(rec(b'{"id": 7, "text": "x"}'))
+    info = r.ModelInfo("m", "2", "sha256:ab", "text-classification")
+    res = {"label": "positive", "score": 0.75}
+    doc = orjson.loads(encode_result(job, res, info, encoding="base64-f16"))
+    assert doc["result"] == res
+    assert decode_embedding({"embedding": [0.5, 0.25]}).tolist() == [0.5, 0.25]
+
+
+def test_output_encoding_is_validated() -> None:
+    assert OutputConfig(embedding_encoding="base64-f16").embedding_encoding == "base64-f16"
+    with pytest.raises(ValidationError):
+        OutputConfig(embedding_encoding="base64")
 
 
 def test_dlq_headers_keep_originals_and_add_reason() -> None:

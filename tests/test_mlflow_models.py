@@ -44,5 +44,5 @@ def test_models_uri_resolves_from_the_registry(registry: str, tiny_model: Path) 
 
 def test_unknown_registry_version_fails_clearly(registry: str) -> None:
     m = HFTextModel(ModelConfig(path=Path("models:/tiny-encoder/9")))
-    with pytest.raises(Exception, match="(?i)version|not found|RESOURCE_DOES_NOT_EXIST"):
+    with pytest.raises(Exception, match=r"(?i)version|not found|RESOURCE_DOES_NOT_EXIST"):
         m.load()
