@@ -122,3 +122,38 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
     assert len(seen) == N  # every record has a result (some twice: at-least-once)
     offsets = await committed(broker, f"g-{topic}", topic)
     assert sum(c or 0 for c in offsets.values()) == N
+
+
+async def test_sighup_reloads_the_config_and_swaps_the_model(
+    broker: str, topic: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    from support import build_tiny_model
+
+    v2 = build_tiny_model(tmp_path / "v2", seed=3)
+    await create_topics(broker, {topic: 1})
+    cfg = base_config(broker, tiny_model, topic)
+    path = write_config(tmp_path, cfg)
+    out_topic = f"{topic}.out"
+    proc = service_process(path)
+    try:
+        await produce(broker, topic, json_records(5))
+        await wait_for_output(broker, out_topic, 5, proc)
+        cfg["model"].update(version="2", path=str(v2))
+        path.write_text(yaml.safe_dump(cfg))
+        proc.send_signal(signal.SIGHUP)
+        log = path.with_suffix(".log")
+        for _ in range(100):
+            if "reload: tiny@2" in log.read_text():
+                break
+            await asyncio.sleep(0.1)
+        assert "reload: tiny@2" in log.read_text()
+        await produce(broker, topic, json_records(5, start=5))
+        await wait_for_output(broker, out_topic, 10, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 40) == 0
+    finally:
+        proc.kill()
+    msgs = await read_topic(broker, out_topic, expect=10)
+    versions = [orjson.loads(m.value)["model"]["version"] for m in
+                sorted(msgs, key=lambda m: orjson.loads(m.value)["source"]["offset"])]
+    assert versions == ["1"] * 5 + ["2"] * 5
