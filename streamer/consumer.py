@@ -8,7 +8,6 @@ that in-flight work of a revoked partition is finished and committed before it i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,7 @@ from aiokafka import TopicPartition as KafkaTP
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from streamer.config import KafkaConfig
-from streamer.kafka_client import consumer_kwargs
+from streamer.kafka_client import Backoff, consumer_kwargs
 from streamer.records import InputRecord, TopicPartition
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class Consumer:
 
     async def start(self) -> None:
         """Connect and subscribe; the group join follows in aiokafka's coordinator task."""
-        backoff = self._cfg.retry_backoff_ms / 1000
+        backoff = Backoff(self._cfg)
         while True:
             consumer = AIOKafkaConsumer(**consumer_kwargs(self._cfg))
             consumer.subscribe(self._cfg.input_topics, listener=self._listener)
@@ -66,14 +65,7 @@ class Consumer:
                 await consumer.stop()
                 if not getattr(exc, "retriable", False):
                     raise
-                log.warning(
-                    "consumer cannot reach Kafka at %s (%s); retrying in %.1fs",
-                    self._cfg.bootstrap_servers,
-                    exc,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._cfg.max_retry_backoff_ms / 1000)
+                await backoff.wait("consumer", exc)
                 continue
             return
 

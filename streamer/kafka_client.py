@@ -6,9 +6,32 @@ logged: the config holds them as ``SecretStr`` or as file paths.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from streamer.config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+
+class Backoff:
+    """Exponential backoff for reconnects: ``retry_backoff_ms`` doubling up to the maximum."""
+
+    def __init__(self, cfg: KafkaConfig) -> None:
+        self._cfg = cfg
+        self.delay_s = cfg.retry_backoff_ms / 1000
+
+    async def wait(self, what: str, exc: BaseException) -> None:
+        log.warning(
+            "%s cannot reach Kafka at %s (%s); retrying in %.1fs",
+            what,
+            self._cfg.bootstrap_servers,
+            exc,
+            self.delay_s,
+        )
+        await asyncio.sleep(self.delay_s)
+        self.delay_s = min(self.delay_s * 2, self._cfg.max_retry_backoff_ms / 1000)
 
 
 def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:

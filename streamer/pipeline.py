@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -465,14 +465,9 @@ class Pipeline:
             traceparent, tracestate = child_traceparent(job.traceparent), job.tracestate
         headers = result_headers(traceparent, tracestate)
 
-        def delivered() -> None:
-            if self.tracker.done(rec.tp, rec.offset, rec.generation):
-                self.telemetry.published(rec, job.bound.info.name)
-                self._commit_wanted.set()
-            if span is not None:
-                span.end()
-            if countdown is not None:
-                countdown.tick()
+        delivered = self._acked(
+            rec, span, countdown, lambda: self.telemetry.published(rec, job.bound.info.name)
+        )
 
         def rejected(exc: BaseException) -> None:
             if span is not None:
@@ -490,6 +485,26 @@ class Pipeline:
         await self.publisher.send(
             Outgoing(self.cfg.kafka.output_topic, rec.key, value, headers, delivered, rejected)
         )
+
+    def _acked(
+        self,
+        rec: InputRecord,
+        span: Span | None,
+        countdown: _Countdown | None,
+        report: Callable[[], None],
+    ) -> Callable[[], None]:
+        """The delivery callback: the record is done (committable), reported, spans ended."""
+
+        def delivered() -> None:
+            if self.tracker.done(rec.tp, rec.offset, rec.generation):
+                report()
+                self._commit_wanted.set()
+            if span is not None:
+                span.end()
+            if countdown is not None:
+                countdown.tick()
+
+        return delivered
 
     def _dead_letter(
         self, rec: InputRecord, err: RecordError, countdown: _Countdown | None = None
@@ -514,14 +529,9 @@ class Pipeline:
                 err.stage,
             )
 
-        def delivered() -> None:
-            if self.tracker.done(rec.tp, rec.offset, rec.generation):
-                self.telemetry.dead_lettered(rec, err)
-                self._commit_wanted.set()
-            if span is not None:
-                span.end()
-            if countdown is not None:
-                countdown.tick()
+        delivered = self._acked(
+            rec, span, countdown, lambda: self.telemetry.dead_lettered(rec, err)
+        )
 
         def rejected(exc: BaseException) -> None:
             # Even the DLQ refuses it (its limits are below the input's): keep the reason and

@@ -27,7 +27,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from streamer.config import KafkaConfig
-from streamer.kafka_client import producer_kwargs
+from streamer.kafka_client import Backoff, producer_kwargs
 from streamer.records import Headers
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Publisher:
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(**producer_kwargs(self._cfg))
-        backoff = self._cfg.retry_backoff_ms / 1000
+        backoff = Backoff(self._cfg)
         while True:
             try:
                 await self._producer.start()
@@ -75,14 +75,7 @@ class Publisher:
             except KafkaError as exc:
                 if not _retriable(exc):
                     raise
-                log.warning(
-                    "producer cannot reach Kafka at %s (%s); retrying in %.1fs",
-                    self._cfg.bootstrap_servers,
-                    exc,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._cfg.max_retry_backoff_ms / 1000)
+                await backoff.wait("producer", exc)
 
     @property
     def unacked(self) -> int:
