@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/streamer demo
 
 test: $(STAMP)
+	bash .ci/system-deps
 	$(BIN)/ruff check streamer tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
