@@ -17,10 +17,10 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
+from streamer.backends import create_model
 from streamer.config import ConfigError, ModelConfig, StreamerConfig, load_config
 from streamer.health import HealthServer, Route
 from streamer.inference import InferenceWorker
-from streamer.model import HFTextModel
 from streamer.pipeline import Pipeline
 from streamer.publisher import Publisher
 from streamer.registry import ModelFactory, ModelRegistry, SwapFailed
@@ -45,7 +45,8 @@ class Service:
         self.telemetry = telemetry or Telemetry(cfg.tracing)
         if model_factory is None:
             cfg.require_model_path()
-            model_factory = HFTextModel
+            threads = cfg.runtime.torch_threads
+            model_factory = lambda m: create_model(m, threads=threads)  # noqa: E731
         self.worker = InferenceWorker(
             cfg.runtime,
             warmup_batch_size=cfg.batching.max_batch_size,
@@ -60,6 +61,8 @@ class Service:
             publisher=self.publisher,
             telemetry=self.telemetry,
         )
+        self.worker.on_oom = self.pipeline.on_oom
+        self.telemetry.metrics.token_budget.set(cfg.batching.max_batch_tokens)
         routes: list[Route] = []
         if cfg.http.admin:
             routes = [

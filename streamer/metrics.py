@@ -184,6 +184,16 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.oom = Counter(
+            "streamer_out_of_memory",
+            "Batches that ran out of device memory (split and retried)",
+            registry=r,
+        )
+        self.token_budget = Gauge(
+            "streamer_batch_token_budget",
+            "The batcher's current padded-token budget (lowered for a while after an OOM)",
+            registry=r,
+        )
         self.rebalances = Counter(
             "streamer_rebalances", "Partition assignments received", registry=r
         )

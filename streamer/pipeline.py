@@ -126,12 +126,15 @@ class Pipeline:
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
         self._commit_wanted = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restore_budget: asyncio.TimerHandle | None = None
         self.joined = asyncio.Event()  # first assignment received
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Join the group (the models must already be loaded and warm) and start the stages."""
         assert self.registry.ready, "load the models before joining the group"
+        self._loop = asyncio.get_running_loop()
         await self.consumer.start()
         for name, coro in (
             ("fetch", self._fetch_loop()),
@@ -424,12 +427,17 @@ class Pipeline:
             if item.span is not None:
                 pub_span = self.tracing.start_span("publish", parent=item.span)
                 countdown = _Countdown(len(item.jobs), [pub_span, item.span])
-            values = await self.worker.run_cpu(_encode_all, item.jobs, item.outcomes)
+            values = await self.worker.run_cpu(
+                _encode_all, item.jobs, item.outcomes, self.cfg.output.embedding_encoding
+            )
+            results: list[Outgoing] = []
             for job, value in zip(item.jobs, values, strict=True):
                 if isinstance(value, RecordError):
                     self._dead_letter(job.record, value, countdown)
-                    continue
-                await self._publish_result(job, value, countdown)
+                else:
+                    results.append(self._result_message(job, value, countdown))
+            # one record batch per partition; each record's delivery still reported on its own
+            await self.publisher.send_many(results)
 
     def _record_span(self, rec: InputRecord, tp: str | None, ts: str | None) -> Span | None:
         """The per-record span: a child of the record's own (producer) context."""
@@ -454,9 +462,7 @@ class Pipeline:
             start_ns=rec.fetched_ns or None,
         )
 
-    async def _publish_result(
-        self, job: Job, value: bytes, countdown: _Countdown | None = None
-    ) -> None:
+    def _result_message(self, job: Job, value: bytes, countdown: _Countdown | None) -> Outgoing:
         rec = job.record
         span = self._record_span(rec, job.traceparent, job.tracestate)
         if span is not None:
@@ -464,7 +470,6 @@ class Pipeline:
         else:
             traceparent, tracestate = child_traceparent(job.traceparent), job.tracestate
         headers = result_headers(traceparent, tracestate)
-
         delivered = self._acked(
             rec, span, countdown, lambda: self.telemetry.published(rec, job.bound.info.name)
         )
@@ -482,9 +487,7 @@ class Pipeline:
                 countdown,
             )
 
-        await self.publisher.send(
-            Outgoing(self.cfg.kafka.output_topic, rec.key, value, headers, delivered, rejected)
-        )
+        return Outgoing(self.cfg.kafka.output_topic, rec.key, value, headers, delivered, rejected)
 
     def _acked(
         self,
@@ -578,6 +581,37 @@ class Pipeline:
         if offsets and await self.consumer.commit(offsets):
             self.tracker.mark_committed(offsets)
 
+    # -- memory ---------------------------------------------------------------------------------
+    def on_oom(self, padded_tokens: int) -> None:
+        """Called on the inference thread when a batch ran out of (CUDA) memory."""
+        assert self._loop is not None, "start() first"
+        self._loop.call_soon_threadsafe(self._lower_budget, padded_tokens)
+
+    def _lower_budget(self, padded_tokens: int) -> None:
+        b, cfg = self.batcher, self.cfg.batching
+        lowered = max(2, min(b.max_batch_tokens, padded_tokens) // 2)
+        if lowered < b.max_batch_tokens:
+            b.max_batch_tokens = lowered
+            log.warning(
+                "out of memory on a batch of %d padded tokens: token budget lowered to %d for "
+                "%.0fs (batching.max_batch_tokens=%d)",
+                padded_tokens,
+                lowered,
+                cfg.oom_cooldown_s,
+                cfg.max_batch_tokens,
+            )
+        self.telemetry.out_of_memory(b.max_batch_tokens)
+        if self._restore_budget is not None:
+            self._restore_budget.cancel()
+        assert self._loop is not None
+        self._restore_budget = self._loop.call_later(cfg.oom_cooldown_s, self._raise_budget)
+
+    def _raise_budget(self) -> None:
+        self._restore_budget = None
+        self.batcher.max_batch_tokens = self.cfg.batching.max_batch_tokens
+        self.telemetry.out_of_memory(None, self.batcher.max_batch_tokens)
+        log.info("token budget back to %d", self.batcher.max_batch_tokens)
+
     # -- rebalance ------------------------------------------------------------------------------
     async def _on_assigned(self, tps: list[TopicPartition]) -> None:
         self.consumer.rebalances += 1
@@ -633,12 +667,12 @@ def _by_model(jobs: list[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
-def _encode_all(jobs: list[Job], outcomes: list[Outcome]) -> list[Any]:
+def _encode_all(jobs: list[Job], outcomes: list[Outcome], encoding: str) -> list[Any]:
     """Serialise a batch's results (runs on the CPU worker thread, off the event loop)."""
     out: list[Any] = []
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, RecordError):
             out.append(outcome)
         else:
-            out.append(encode_result(job, outcome, job.bound.info))
+            out.append(encode_result(job, outcome, job.bound.info, encoding))  # type: ignore[arg-type]
     return out

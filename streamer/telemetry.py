@@ -95,6 +95,12 @@ class Telemetry:
     def inferred(self, seconds: float, model: str) -> None:
         self.metrics.inference.labels(model).observe(seconds)
 
+    def out_of_memory(self, budget: int | None, restored: int | None = None) -> None:
+        """An OOM lowered the token budget to ``budget`` (or it was ``restored``)."""
+        if budget is not None:
+            self.metrics.oom.inc()
+        self.metrics.token_budget.set(budget if budget is not None else restored or 0)
+
     def rebalanced(self) -> None:
         self.metrics.rebalances.inc()
 

@@ -355,3 +355,50 @@ async def test_broker_outage_is_retried_and_nothing_is_committed_ahead(
     finally:
         await proxy.cut()
         own.stop()
+
+
+class SmallMemoryModel(HFTextModel):
+    """Raises CUDA's out-of-memory error for batches over 300 padded tokens (on CPU)."""
+
+    def forward(self, batch: list[list[int]]):
+        import torch
+
+        if len(batch) * max(len(r) for r in batch) > 300:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(batch)
+
+
+async def test_out_of_memory_splits_lowers_the_budget_and_restores_it(
+    broker: str, topic: str, tiny_model: Path
+) -> None:
+    await create_topics(broker, {topic: 1})
+    n = 300
+    await produce(broker, topic, json_records(n, words=12))
+    cfg = load_config(
+        None,
+        **base_config(
+            broker,
+            tiny_model,
+            topic,
+            batching={
+                "max_batch_size": 64,
+                "max_batch_tokens": 2048,
+                "max_wait_ms": 100,
+                "oom_cooldown_s": 1.0,
+            },
+        ),
+    )
+    async with RunningService(cfg, model_factory=SmallMemoryModel) as svc:
+        await svc.wait_done(n)
+        batcher = svc.service.pipeline.batcher
+        metrics = svc.service.telemetry.metrics
+        assert metrics.oom._value.get() > 0  # reported
+        lowered = batcher.max_batch_tokens
+        assert lowered < 2048  # lowered for a while ...
+        for _ in range(50):
+            if batcher.max_batch_tokens == 2048:
+                break
+            await asyncio.sleep(0.1)
+        assert batcher.max_batch_tokens == 2048  # ... then restored
+    stats = svc.service.telemetry.stats
+    assert stats.published == n and stats.dead_lettered == 0  # the stream went on, whole
