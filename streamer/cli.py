@@ -1,4 +1,4 @@
-"""Command line: ``streamer run | broker | demo | bench`` (``python -m streamer`` too)."""
+"""Command line: ``streamer run | broker | demo | bench | profile`` (``python -m streamer`` too)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ examples:
   streamer broker                               # embedded broker for local development
   streamer run --config configs/minilm.yaml     # the service, until SIGTERM/SIGINT
   streamer demo                                 # broker + 1,000 sentences + MiniLM, a summary
+  streamer profile --config FILE --memory-budget-mb 2000   # settings that fit a memory budget
 """
 
 
@@ -101,6 +102,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--model-path", type=Path, help="model dir (default: bundled MiniLM)")
     bench.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (default)")
+    bench.add_argument(
+        "--backends",
+        help="comma-separated variants, e.g. torch-fp32,torch-int8,onnxruntime-int8 "
+        "(default: every one available on the device)",
+    )
+    bench.add_argument("--quick", action="store_true", help="fewer records: a smoke run")
+
+    from streamer.profiler import add_arguments as profile_arguments
+
+    profile = sub.add_parser(
+        "profile",
+        help="sweep sequence lengths x batch sizes: latency, throughput, peak memory",
+        description="Run the configured model (device, backend, precision) on every sequence "
+        "length x batch size, write a CSV and a PNG (memory and throughput against sequence "
+        "length, one line per batch size) and recommend model.max_length and "
+        "batching.max_batch_tokens for --memory-budget-mb.",
+    )
+    profile_arguments(profile)
     return p
 
 
@@ -129,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             from streamer.bench import run_bench
 
             return run_bench(args)
+        if args.command == "profile":
+            from streamer.profiler import run_profile
+
+            return run_profile(args)
     except ConfigError as exc:
         print(f"streamer: {exc}", file=sys.stderr)
         return 2

@@ -227,13 +227,17 @@ class ModelConfig(_Section):
                 "quantize: int8 is dynamic quantization for CPUs; on CUDA use dtype float16 or "
                 "bfloat16 with quantize: none (device auto picks the CPU for int8)"
             )
-        if self.backend != "torch" and half:
+        ov_bf16 = self.backend == "openvino" and self.dtype == "bfloat16"
+        if self.backend != "torch" and half and not ov_bf16:
             raise ValueError(
-                f"backend {self.backend} runs the float32 export; half precision (dtype "
-                f"{self.dtype}) needs backend: torch"
+                f"backend {self.backend} runs the float32 export (openvino also bfloat16); "
+                f"dtype {self.dtype} needs backend: torch"
             )
-        if self.backend == "openvino" and self.device == "cuda":
-            raise ValueError("backend openvino runs on the CPU here; use device cpu or auto")
+        if self.backend == "openvino" and (self.device == "cuda" or self.quantize == "int8"):
+            raise ValueError(
+                "backend openvino runs float32/bfloat16 on the CPU here; for int8 use backend "
+                "onnxruntime or torch, for CUDA backend torch"
+            )
         return self
 
 
@@ -245,6 +249,9 @@ class BatchingConfig(_Section):
     )
     max_in_flight: int = Field(
         default=1024, ge=1, description="records held between fetch and commit before pausing"
+    )
+    oom_cooldown_s: float = Field(
+        default=60, gt=0, description="how long a token budget lowered after OOM stays lowered"
     )
 
 
