@@ -113,6 +113,8 @@ def run_broker(port: int, topics: list[str]) -> int:
         for spec in topics:
             name, _, parts = spec.partition(":")
             wanted[name] = int(parts or 1)
+    done = threading.Event()  # before anything is printed: a SIGTERM right after is clean
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
     broker = EmbeddedBroker(port=port)
     broker.start()
     try:
@@ -121,8 +123,6 @@ def run_broker(port: int, topics: list[str]) -> int:
         print("topics: " + ", ".join(f"{n} ({p} partitions)" for n, p in wanted.items()))
         print(f"use it: STREAMER_KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap} streamer run ...")
         print("memory storage: everything is gone when it stops. Ctrl-C to stop.", flush=True)
-        done = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
         try:
             while not done.wait(1.0) and broker.running():
                 pass
