@@ -193,7 +193,9 @@ class Service:
             log.warning("reload: only models change while running; restart for other settings")
         return changed
 
-    def _on_sighup(self) -> None:
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the config file in the background; failures leave all as it was."""
+
         async def reload() -> None:
             try:
                 changed = await self.reload()
@@ -275,7 +277,7 @@ async def serve(cfg: StreamerConfig, config_path: Path | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, service._on_sighup)
+    loop.add_signal_handler(signal.SIGHUP, service.request_reload)
     try:
         await service.start()
     except BaseException:
