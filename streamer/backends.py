@@ -26,8 +26,9 @@ activation channels are much larger than the rest and the GELU outputs are heavy
 3. the FFN down-projections (input width = ``intermediate_size``, fed by GELU) and everything
    outside the encoder layers (pooler, classifier head) stay float32.
 
-Measured on MiniLM (2-core CPU): cosine to float32 ≥ 0.997 on every row, ~1.5x faster than
-float32 torch. ``bench`` reports the agreement of each backend next to its speed.
+Measured on MiniLM (2-core CPU, 2,000 sentences): worst-row cosine to float32 0.994 (torch)
+and 0.998 (onnxruntime), at 1.9x and 2.8x float32 torch's throughput offline (with
+plain dynamic quantization: 0.86). ``bench`` reports each backend's agreement next to its speed.
 
 The ONNX export is keyed by the model's fingerprint, task, pooling, normalisation, quantize
 and max_length (and the export recipe), written to a temporary directory and renamed into

@@ -102,6 +102,12 @@ class KafkaConfig(_Section):
     max_retry_backoff_ms: int = Field(default=10_000, ge=10)
     commit_interval_ms: int = Field(default=200, ge=0)
     max_request_size: int = Field(default=1_048_576, ge=1024)
+    batch_size: int = Field(
+        default=262_144,
+        ge=1024,
+        description="producer record batch per partition, bytes (Kafka's batch.size; capped by "
+        "max_request_size): 16 KB holds only 3 float-encoded embeddings",
+    )
     security: SecurityConfig = SecurityConfig()
 
     @field_validator("bootstrap_servers")

@@ -82,4 +82,5 @@ def producer_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
         "enable_idempotence": cfg.enable_idempotence,
         "linger_ms": cfg.linger_ms,
         "max_request_size": cfg.max_request_size,
+        "max_batch_size": min(cfg.batch_size, cfg.max_request_size),
     }

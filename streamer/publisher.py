@@ -172,6 +172,9 @@ class Publisher:
         self, builder: Any, topic: str, partition: int, members: list[Outgoing]
     ) -> None:
         assert self._producer is not None, "start() first"
+        # A closed batch goes out at the sender's next turn: it is complete, and lingering would
+        # hold back the next call's batch for this partition (send_batch waits for the drain).
+        builder.close()
         while True:
             try:
                 fut = await self._producer.send_batch(builder, topic, partition=partition)

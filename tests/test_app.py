@@ -154,6 +154,8 @@ async def test_sighup_reloads_the_config_and_swaps_the_model(
     finally:
         proc.kill()
     msgs = await read_topic(broker, out_topic, expect=10)
-    versions = [orjson.loads(m.value)["model"]["version"] for m in
-                sorted(msgs, key=lambda m: orjson.loads(m.value)["source"]["offset"])]
+    versions = [
+        orjson.loads(m.value)["model"]["version"]
+        for m in sorted(msgs, key=lambda m: orjson.loads(m.value)["source"]["offset"])
+    ]
     assert versions == ["1"] * 5 + ["2"] * 5

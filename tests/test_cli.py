@@ -51,7 +51,9 @@ def test_missing_model_path_says_what_to_set(capsys: pytest.CaptureFixture[str])
 def test_broker_command_prints_its_address_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamer", "broker", "--port", "0", "--topic", "a:2"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stdout is not None

