@@ -199,6 +199,9 @@ async def end_to_end(bootstrap: str, cfg_over: dict, texts: list[str], topic: st
                 "session_timeout_ms": 6000,
                 "heartbeat_interval_ms": 1000,
                 "request_timeout_ms": 10000,
+                # the embedded broker holds a fetch for the whole wait even when data is
+                # there (Apache Kafka answers at fetch.min.bytes): keep it short
+                "fetch_max_wait_ms": 20,
             },
             "http": {"port": 0},
         },
@@ -260,6 +263,9 @@ async def steady_latency(
                 "session_timeout_ms": 6000,
                 "heartbeat_interval_ms": 1000,
                 "request_timeout_ms": 10000,
+                # the embedded broker holds a fetch for the whole wait even when data is
+                # there (Apache Kafka answers at fetch.min.bytes): keep it short
+                "fetch_max_wait_ms": 20,
             },
             "http": {"port": 0},
         },

@@ -92,6 +92,12 @@ class KafkaConfig(_Section):
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     fetch_max_records: int = Field(default=500, ge=1, description="records per getmany call")
+    fetch_max_wait_ms: int = Field(
+        default=500,
+        ge=0,
+        description="longest the broker may hold a fetch when no data is there (Kafka's "
+        "fetch.max.wait.ms); the embedded broker holds it this long even when data arrives",
+    )
     enable_idempotence: bool = Field(
         default=False,
         description="on for real clusters; the embedded broker has no producer ids",

@@ -51,6 +51,7 @@ async def _demo(console: Console, bootstrap: str, n: int, path: Path, batch_size
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 1000,
             "request_timeout_ms": 10000,
+            "fetch_max_wait_ms": 20,
         },
         model={"name": "all-MiniLM-L6-v2", "version": "1", "path": str(path), "max_length": 128},
         batching={"max_batch_size": batch_size},

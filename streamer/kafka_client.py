@@ -72,6 +72,7 @@ def consumer_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
         "max_poll_interval_ms": cfg.max_poll_interval_ms,
         "rebalance_timeout_ms": cfg.max_poll_interval_ms,
         "isolation_level": "read_committed",
+        "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
     }
 
 

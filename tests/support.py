@@ -98,6 +98,7 @@ def base_config(bootstrap: str, model_path: Path, topic: str, **sections: Any) -
             "session_timeout_ms": 6_000,
             "heartbeat_interval_ms": 500,
             "request_timeout_ms": 10_000,
+            "fetch_max_wait_ms": 20,
             "commit_interval_ms": 50,
         },
         "model": {"name": "tiny", "version": "1", "path": str(model_path), "max_length": 64},
