@@ -404,13 +404,7 @@ class _ExportedModel(HFTextModel):
     def forward(self, batch: list[list[int]]) -> Any:
         if self._model is not None:  # during export (calibration): the torch model
             return super().forward(batch)
-        n = len(batch)
-        width = max(len(ids) for ids in batch)
-        ids = np.full((n, width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        for i, row in enumerate(batch):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
+        ids, mask = self.pad(batch)
         return self._run(ids, mask)
 
 

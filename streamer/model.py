@@ -108,6 +108,8 @@ class HFTextModel:
         self.max_length = cfg.max_length
         self._labels: dict[int, str] = {}
         self._accepts_token_type_ids = False
+        self._buffers: tuple[Any, Any] | None = None
+        self._views: tuple[Any, Any] = (None, None)
 
     # -- load ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -215,17 +217,39 @@ class HFTextModel:
         e = self._backend.encode(text)
         return Encoded(e.ids, bool(e.overflowing))
 
-    def forward(self, batch: list[list[int]]) -> Any:
-        torch = self._torch
-        n = len(batch)
-        width = max(len(ids) for ids in batch)
-        ids = np.full((n, width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
+    def pad(self, batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Pad rows into preallocated buffers (pinned on CUDA): no allocation per batch.
+
+        The buffers grow to the largest batch seen; each batch gets a contiguous
+        ``(rows, longest row)`` view of them, valid until the next call (forward is
+        synchronous, so the device copy is done by then).
+        """
+        n, width = len(batch), max(len(ids) for ids in batch)
+        size = n * width
+        if self._buffers is None or self._buffers[0].numel() < size:
+            torch = self._torch
+            capacity = max(size, 2 * self._buffers[0].numel() if self._buffers else 0)
+            pin = self.device == "cuda"
+            self._buffers = tuple(  # type: ignore[assignment]
+                torch.empty(capacity, dtype=torch.int64, pin_memory=pin) for _ in range(2)
+            )
+        assert self._buffers is not None
+        ids_t, mask_t = (b[:size].view(n, width) for b in self._buffers)
+        ids, mask = ids_t.numpy(), mask_t.numpy()
+        ids.fill(self._pad_id)
+        mask.fill(0)
         for i, row in enumerate(batch):
             ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
-        input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
-        attention = torch.from_numpy(mask).to(self.device, non_blocking=True)
+        self._views = (ids_t, mask_t)
+        return ids, mask
+
+    def forward(self, batch: list[list[int]]) -> Any:
+        torch = self._torch
+        self.pad(batch)
+        ids_t, mask_t = self._views
+        input_ids = ids_t.to(self.device, non_blocking=True)
+        attention = mask_t.to(self.device, non_blocking=True)
         kwargs = {"input_ids": input_ids, "attention_mask": attention}
         if self._accepts_token_type_ids:
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)

@@ -78,3 +78,16 @@ async def test_real_minilm_matches_plain_transformers(broker: str, topic: str) -
         cos = float(got[i] @ ref[i] / (np.linalg.norm(got[i]) * np.linalg.norm(ref[i])))
         assert cos > 0.9999, (i, cos)
         np.testing.assert_allclose(got[i], ref[i], atol=1e-4)
+
+
+def test_padding_reuses_preallocated_buffers(tiny_model: Path) -> None:
+    m = HFTextModel(ModelConfig(path=tiny_model, max_length=16))
+    m.load()
+    ids, mask = m.pad([[5, 6, 7], [8]])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    storage = m._buffers[0].data_ptr()
+    ids, mask = m.pad([[9, 9]])  # smaller: a view of the same buffer, no new allocation
+    assert m._buffers[0].data_ptr() == storage
+    assert ids.tolist() == [[9, 9]] and ids.flags["C_CONTIGUOUS"]
+    ids, _ = m.pad([[1] * 10] * 8)  # larger: the buffer grows once
+    assert ids.shape == (8, 10)
