@@ -180,12 +180,11 @@ def agreement(got: np.ndarray, ref: np.ndarray, task: str) -> dict[str, float]:
 
 
 # -- end to end -----------------------------------------------------------------------------------
-async def end_to_end(bootstrap: str, cfg_over: dict, texts: list[str], topic: str) -> dict:
+async def _start_service(bootstrap: str, cfg_over: dict, topic: str) -> Any:
+    """A started in-process service reading ``topic`` on the embedded broker."""
     from streamer.app import Service
     from streamer.backends import create_model
 
-    await create_topics(bootstrap, {topic: 4, f"{topic}.out": 4, f"{topic}.dlq": 1})
-    await produce_texts(bootstrap, topic, texts)
     cfg = load_config(
         None,
         **{
@@ -208,6 +207,13 @@ async def end_to_end(bootstrap: str, cfg_over: dict, texts: list[str], topic: st
     )
     service = Service(cfg, model_factory=create_model)
     await service.start()
+    return service
+
+
+async def end_to_end(bootstrap: str, cfg_over: dict, texts: list[str], topic: str) -> dict:
+    await create_topics(bootstrap, {topic: 4, f"{topic}.out": 4, f"{topic}.dlq": 1})
+    await produce_texts(bootstrap, topic, texts)
+    service = await _start_service(bootstrap, cfg_over, topic)
     done = asyncio.Event()
     stats = service.telemetry.stats
 
@@ -246,32 +252,9 @@ async def steady_latency(
     """
     from aiokafka import AIOKafkaProducer
 
-    from streamer.app import Service
-    from streamer.backends import create_model
-
     await create_topics(bootstrap, {topic: 4, f"{topic}.out": 4, f"{topic}.dlq": 1})
-    cfg = load_config(
-        None,
-        **{
-            **cfg_over,
-            "kafka": {
-                "bootstrap_servers": bootstrap,
-                "group_id": f"bench-{topic}",
-                "input_topics": [topic],
-                "output_topic": f"{topic}.out",
-                "dlq_topic": f"{topic}.dlq",
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-                "request_timeout_ms": 10000,
-                # the embedded broker holds a fetch for the whole wait even when data is
-                # there (Apache Kafka answers at fetch.min.bytes): keep it short
-                "fetch_max_wait_ms": 20,
-            },
-            "http": {"port": 0},
-        },
-    )
-    service = Service(cfg, model_factory=create_model)
-    await service.start()
+    service = await _start_service(bootstrap, cfg_over, topic)
+    cfg = service.cfg
     await service.pipeline.joined.wait()
     latencies: list[float] = []
     batch_s: list[float] = []
