@@ -5,6 +5,7 @@
 #   docker build -t streamer:0.1.0-cpu .                                 # CPU torch, MiniLM baked in
 #   docker build --build-arg TORCH_VARIANT=cuda -t streamer:0.1.0-cuda . # CUDA torch (from PyPI)
 #   docker build --build-arg MODEL=none -t streamer:0.1.0-cpu-nomodel .  # mount the model at /models
+#   docker build --build-arg EXTRAS=onnx -t streamer:0.1.0-cpu-onnx .     # + ONNX Runtime backend
 #
 #   docker run --read-only -e STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker:9092 streamer:0.1.0-cpu
 #
@@ -56,10 +57,14 @@ RUN mkdir -p /models \
 
 # The project and its dependencies (torch is already satisfied, so the variant stays as chosen).
 # README.md stays out: the package's long description is of no use inside the image.
+# EXTRAS: optional backends, e.g. "onnx" or "onnx,openvino" (model.backend), or "mlflow".
+# (DL3013 below: this is the local project; its dependencies are ranged in pyproject.toml.)
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml ./
 COPY streamer/ streamer/
-RUN pip install --no-cache-dir . \
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # ---------------------------------------------------------------------------------------------

@@ -512,3 +512,21 @@ def test_baked_config_needs_no_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path
     cfg = load_config(ROOT / "k8s/base/streamer.yaml", model={"path": str(tmp_path)})
     assert cfg.kafka.security.protocol == "PLAINTEXT"
     assert cfg.kafka.security.sasl_password is None
+
+
+def test_extras_named_in_the_dockerfile_exist() -> None:
+    import re
+    import tomllib
+
+    comment = next(
+        line
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("# EXTRAS:")
+    )
+    named = set(re.findall(r'"([\w,]+)"', comment))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert named, comment
+    for spec in named:
+        assert set(spec.split(",")) <= set(extras), (spec, sorted(extras))
