@@ -38,7 +38,6 @@ ERROR_HEADERS = (
     "streamer.source.partition",
     "streamer.source.offset",
 )
-MODEL_HEADER = "streamer.model"
 _MAX_ERROR_MESSAGE = 1000
 
 
@@ -205,8 +204,3 @@ def dlq_headers(record: InputRecord, error: RecordError) -> Headers:
         *record.headers,
         *((k, v.encode("utf-8")) for k, v in zip(ERROR_HEADERS, values, strict=True)),
     ]
-
-
-def as_float_list(vector: np.ndarray) -> np.ndarray:
-    """Embeddings go out as float32 numbers; orjson serialises the numpy array directly."""
-    return np.ascontiguousarray(vector, dtype=np.float32)

@@ -53,7 +53,6 @@ class InferenceWorker:
         self._cpu_pool: ThreadPoolExecutor | None = None
         self._load_pool: ThreadPoolExecutor | None = None
         self.busy_since: float | None = None  # monotonic start of the running batch
-        self.thread_ident: int | None = None
         self._thread: threading.Thread | None = None
         # Called on the inference thread with the padded tokens (rows x longest row) of a batch
         # that ran out of CUDA memory, e.g. to lower the batcher's token budget for a while.
@@ -73,7 +72,6 @@ class InferenceWorker:
             torch.set_num_interop_threads(rt.torch_interop_threads)
         except RuntimeError:  # already set (a second service in one process, tests)
             pass
-        self.thread_ident = threading.get_ident()
         self._thread = threading.current_thread()
         log.info(
             "inference thread: torch threads=%d interop=%d affinity=%s",

@@ -213,10 +213,6 @@ class HFTextModel:
         encs = self._backend.encode_batch(texts)
         return [Encoded(e.ids, bool(e.overflowing)) for e in encs]
 
-    def tokenize_one(self, text: str) -> Encoded:
-        e = self._backend.encode(text)
-        return Encoded(e.ids, bool(e.overflowing))
-
     def pad(self, batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Pad rows into preallocated buffers (pinned on CUDA): no allocation per batch.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 Headers = list[tuple[str, bytes]]
@@ -53,7 +53,6 @@ class Job:
     truncated: bool = False
     bound: Any = None  # the registry.Loaded model version that serves it
     tokenize_ns: tuple[int, int] = (0, 0)  # wall-clock span of its tokenize call
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:

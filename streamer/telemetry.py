@@ -31,7 +31,6 @@ class Stats:
     dlq_reasons: Counter[str] = field(default_factory=Counter)
     # seconds from fetch to the broker's ack of the result (bounded sample)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
-    started_at: float = field(default_factory=time.monotonic)
     first_fetch_at: float | None = None
     last_ack_at: float | None = None
 
