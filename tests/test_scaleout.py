@@ -110,9 +110,15 @@ async def test_one_then_three_replicas_share_partitions_and_lose_nothing(
         for r in replicas[:3]:
             await r.wait_ready()
         await produce(broker, topic, json_records(20_000, start=2000))
-        await asyncio.sleep(8)  # let the group settle
-        assigned = [await r.metric("streamer_assigned_partitions") for r in replicas[:3]]
+        assigned: list[float] = []
+        for _ in range(120):  # until the group has settled (joins take seconds each)
+            assigned = [await r.metric("streamer_assigned_partitions") for r in replicas[:3]]
+            if sorted(assigned) == [0, 1, 1]:
+                break
+            await asyncio.sleep(0.5)
         assert sorted(assigned) == [0, 1, 1], assigned
+        await asyncio.sleep(2)  # and stays settled
+        assert [await r.metric("streamer_assigned_partitions") for r in replicas[:3]] == assigned
         idle = replicas[assigned.index(0)]
         rebalances = await idle.metric("streamer_rebalances_total")
         await asyncio.sleep(5)
