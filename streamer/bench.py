@@ -43,6 +43,7 @@ from streamer.broker import EmbeddedBroker, create_topics
 from streamer.config import ModelConfig, load_config
 from streamer.devtools import bundled_model_path, produce_texts, sample_texts
 from streamer.logs import setup_logging
+from streamer.telemetry import percentile
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,6 @@ CPU_DEFAULT = (
 )
 CUDA_DEFAULT = ("torch-fp32", "torch-fp16", "torch-bf16")
 ENCODINGS = ("float", "base64-f16", "base64-f32")
-
-
-def _pct(data: list[float], q: float) -> float:
-    if not data:
-        return float("nan")
-    data = sorted(data)
-    return data[min(len(data) - 1, round(q / 100 * (len(data) - 1)))]
 
 
 def cpu_has_bf16() -> bool:
@@ -161,8 +155,8 @@ def offline(
     figures = {
         "records": len(texts),
         "records_per_s": len(texts) / total,
-        "batch_p50_ms": _pct(batch_times, 50) * 1000,
-        "batch_p99_ms": _pct(batch_times, 99) * 1000,
+        "batch_p50_ms": percentile(batch_times, 50) * 1000,
+        "batch_p99_ms": percentile(batch_times, 99) * 1000,
         "load_s": load_s,
         "device": model.info.device,
         "precision": model.info.dtype,
@@ -234,8 +228,8 @@ async def end_to_end(bootstrap: str, cfg_over: dict, texts: list[str], topic: st
     return {
         "records": stats.published,
         "records_per_s": stats.throughput(),
-        "latency_p50_ms": _pct(lat, 50) * 1000,
-        "latency_p99_ms": _pct(lat, 99) * 1000,
+        "latency_p50_ms": percentile(lat, 50) * 1000,
+        "latency_p99_ms": percentile(lat, 99) * 1000,
         "mean_batch_rows": stats.batch_rows / max(1, stats.batches),
         "padding_ratio": 1 - stats.batch_tokens / max(1, stats.padded_tokens),
     }
@@ -290,12 +284,12 @@ async def steady_latency(
         service.request_stop()
         await runner
     wait_ms = cfg.batching.max_wait_ms
-    p99_batch = _pct(batch_s, 99) * 1000
+    p99_batch = percentile(batch_s, 99) * 1000
     return {
         "rate_per_s": rate,
         "records": len(latencies),
-        "latency_p50_ms": _pct(latencies, 50) * 1000,
-        "latency_p99_ms": _pct(latencies, 99) * 1000,
+        "latency_p50_ms": percentile(latencies, 50) * 1000,
+        "latency_p99_ms": percentile(latencies, 99) * 1000,
         "mean_batch_rows": n / max(1, len(batch_s)),
         "batch_p99_ms": p99_batch,
         "bound_ms": wait_ms + p99_batch,
@@ -353,8 +347,8 @@ async def per_record(
     return {
         "records": done,
         "records_per_s": done / total if total else 0.0,
-        "latency_p50_ms": _pct(latencies, 50) * 1000,
-        "latency_p99_ms": _pct(latencies, 99) * 1000,
+        "latency_p50_ms": percentile(latencies, 50) * 1000,
+        "latency_p99_ms": percentile(latencies, 99) * 1000,
     }
 
 

@@ -49,7 +49,6 @@ class Consumer:
         self._listener = _Listener(on_revoked, on_assigned)
         self._consumer: AIOKafkaConsumer | None = None
         self.paused = False
-        self.rebalances = 0
 
     async def start(self) -> None:
         """Connect and subscribe; the group join follows in aiokafka's coordinator task."""

@@ -15,23 +15,29 @@ from streamer.config import KafkaConfig
 log = logging.getLogger(__name__)
 
 
+def backoff_s(cfg: KafkaConfig, attempt: int) -> float:
+    """Seconds before retry ``attempt`` (0-based): ``retry_backoff_ms`` doubling, capped."""
+    return min(cfg.retry_backoff_ms * 2 ** min(attempt, 16), cfg.max_retry_backoff_ms) / 1000
+
+
 class Backoff:
     """Exponential backoff for reconnects: ``retry_backoff_ms`` doubling up to the maximum."""
 
     def __init__(self, cfg: KafkaConfig) -> None:
         self._cfg = cfg
-        self.delay_s = cfg.retry_backoff_ms / 1000
+        self._attempt = 0
 
     async def wait(self, what: str, exc: BaseException) -> None:
+        delay = backoff_s(self._cfg, self._attempt)
+        self._attempt += 1
         log.warning(
             "%s cannot reach Kafka at %s (%s); retrying in %.1fs",
             what,
             self._cfg.bootstrap_servers,
             exc,
-            self.delay_s,
+            delay,
         )
-        await asyncio.sleep(self.delay_s)
-        self.delay_s = min(self.delay_s * 2, self._cfg.max_retry_backoff_ms / 1000)
+        await asyncio.sleep(delay)
 
 
 def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:

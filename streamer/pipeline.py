@@ -195,7 +195,7 @@ class Pipeline:
                 await fetch
         drained = False
         if self._failure is None:
-            await self._put_done(self._tokenize_q)
+            await self._tokenize_q.put(_DONE)
             stages = [self._tasks[n] for n in ("tokenize", "infer", "publish") if n in self._tasks]
             try:
                 await asyncio.wait_for(
@@ -340,7 +340,7 @@ class Pipeline:
             try:
                 batch = await self.batcher.next_batch()
             except BatcherClosed:
-                await self._put_done(self._publish_q)
+                await self._publish_q.put(_DONE)
                 return
             kept = []
             for job in batch:
@@ -614,7 +614,6 @@ class Pipeline:
 
     # -- rebalance ------------------------------------------------------------------------------
     async def _on_assigned(self, tps: list[TopicPartition]) -> None:
-        self.consumer.rebalances += 1
         self.telemetry.rebalanced()
         self.tracker.assign(tps)
         try:  # seed lag accounting with what the group has committed so far
@@ -655,9 +654,6 @@ class Pipeline:
             )
         finally:
             self._revoking.difference_update(tps)
-
-    async def _put_done(self, q: asyncio.Queue[Any]) -> None:
-        await q.put(_DONE)
 
 
 def _by_model(jobs: list[Job]) -> list[list[Job]]:

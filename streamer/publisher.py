@@ -27,7 +27,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from streamer.config import KafkaConfig
-from streamer.kafka_client import Backoff, producer_kwargs
+from streamer.kafka_client import Backoff, backoff_s, producer_kwargs
 from streamer.records import Headers
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,13 @@ _PARTITIONER = DefaultPartitioner()  # what AIOKafkaProducer uses unless told ot
 
 def _record_size(msg: Outgoing) -> int:
     return DefaultRecordBatchBuilder.estimate_size_in_bytes(msg.key, msg.value, msg.headers)
+
+
+def _outcome(fut: asyncio.Future) -> BaseException | None:
+    """A delivery future's error (cancelled counts as one), or None when acknowledged."""
+    if fut.cancelled():
+        return asyncio.CancelledError("delivery cancelled (producer stopping)")
+    return fut.exception()
 
 
 def _retriable(exc: BaseException) -> bool:
@@ -189,9 +196,7 @@ class Publisher:
             return
 
     def _batch_delivered(self, msgs: list[Outgoing], fut: asyncio.Future) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if fut.cancelled():
-            exc = asyncio.CancelledError("delivery cancelled (producer stopping)")
+        exc = _outcome(fut)
         if exc is not None and _retriable(exc):
             self._watch(self._retry_many(msgs, exc))
         elif isinstance(exc, TOO_LARGE) and len(msgs) > 1:
@@ -223,13 +228,9 @@ class Publisher:
         task.add_done_callback(self._retry_done)
 
     def _delivered(self, msg: Outgoing, fut: asyncio.Future) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if fut.cancelled():
-            exc = asyncio.CancelledError("delivery cancelled (producer stopping)")
+        exc = _outcome(fut)
         if exc is not None and _retriable(exc):
-            task = asyncio.get_running_loop().create_task(self._retry(msg, exc))
-            self._retries.add(task)
-            task.add_done_callback(self._retry_done)
+            self._watch(self._retry(msg, exc))
             return
         self._finish(msg, exc)
 
@@ -244,13 +245,7 @@ class Publisher:
 
     async def _backoff(self, msg: Outgoing, exc: BaseException) -> None:
         msg.attempt += 1
-        delay = (
-            min(
-                self._cfg.retry_backoff_ms * 2 ** min(msg.attempt, 16),
-                self._cfg.max_retry_backoff_ms,
-            )
-            / 1000
-        )
+        delay = backoff_s(self._cfg, msg.attempt)
         log.warning(
             "publish to %s failed (%s: %s); attempt %d, retrying in %.1fs — offsets stay "
             "uncommitted until it succeeds",
@@ -284,9 +279,7 @@ class Publisher:
         """Send from synchronous code (a delivery callback); the task is owned and watched."""
         self._unacked += 1
         self._idle.clear()
-        task = asyncio.get_running_loop().create_task(self._enqueue(msg))
-        self._retries.add(task)
-        task.add_done_callback(self._retry_done)
+        self._watch(self._enqueue(msg))
 
     async def send_raw(self, topic: str, value: bytes) -> None:
         """Produce one record and wait for its ack (span export); no offset depends on it."""

@@ -169,8 +169,7 @@ class ModelRegistry:
 
     def release(self, loaded: Loaded) -> None:
         loaded.in_flight -= 1
-        if loaded.retired and loaded.in_flight == 0:
-            self._maybe_release(loaded)
+        self._maybe_release(loaded)
 
     # -- reporting ----------------------------------------------------------------------------
     def refs(self) -> list[str]:

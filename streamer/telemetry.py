@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from streamer.config import TracingConfig
 from streamer.metrics import Metrics
 from streamer.records import InputRecord, ModelInfo, RecordError
 from streamer.tracing import Tracing
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100); NaN for no values."""
+    data = sorted(values)
+    if not data:
+        return float("nan")
+    return data[min(len(data) - 1, max(0, round(q / 100 * (len(data) - 1))))]
 
 
 @dataclass
@@ -35,11 +43,7 @@ class Stats:
     last_ack_at: float | None = None
 
     def percentile(self, q: float) -> float | None:
-        if not self.latencies:
-            return None
-        data = sorted(self.latencies)
-        idx = min(len(data) - 1, max(0, round(q / 100 * (len(data) - 1))))
-        return data[idx]
+        return percentile(self.latencies, q) if self.latencies else None
 
     def throughput(self) -> float:
         if self.first_fetch_at is None or self.last_ack_at is None:
