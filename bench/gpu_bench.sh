@@ -58,7 +58,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from streamer.devtools import bundled_model_path
+from streamer.tools.devtools import bundled_model_path
 
 src, dst = bundled_model_path(), Path(sys.argv[1])
 shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "README.md"))

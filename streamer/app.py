@@ -17,14 +17,13 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
-from streamer.backends import create_model
 from streamer.config import ConfigError, ModelConfig, StreamerConfig, load_config
-from streamer.health import HealthServer, Route
-from streamer.inference import InferenceWorker
-from streamer.pipeline import Pipeline
-from streamer.publisher import Publisher
-from streamer.registry import ModelFactory, ModelRegistry, SwapFailed
-from streamer.telemetry import Telemetry
+from streamer.models.backends import create_model
+from streamer.models.registry import ModelFactory, ModelRegistry, SwapFailed
+from streamer.models.worker import InferenceWorker
+from streamer.observability.http import HealthServer, Route
+from streamer.observability.telemetry import Telemetry
+from streamer.stream.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,10 @@ class Service:
             warmup_batch_tokens=cfg.batching.max_batch_tokens,
         )
         self.registry = ModelRegistry(self.worker, model_factory, cfg.routing)
-        self.publisher = Publisher(cfg.kafka, on_fatal=self._fatal)
         self.pipeline = Pipeline(
-            cfg,
-            worker=self.worker,
-            registry=self.registry,
-            publisher=self.publisher,
-            telemetry=self.telemetry,
+            cfg, worker=self.worker, registry=self.registry, telemetry=self.telemetry
         )
+        self.publisher = self.pipeline.publisher
         self.worker.on_oom = self.pipeline.on_oom
         self.telemetry.metrics.token_budget.set(cfg.batching.max_batch_tokens)
         routes: list[Route] = []
@@ -132,9 +127,6 @@ class Service:
             return 0
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def _fatal(self, exc: BaseException) -> None:
-        self.pipeline.fail(RuntimeError(f"publishing failed: {type(exc).__name__}: {exc}"), exc)
-
     def request_stop(self) -> None:
         self._stop.set()
 

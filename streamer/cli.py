@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="fewer records: a smoke run")
 
-    from streamer.profiler import add_arguments as profile_arguments
+    from streamer.tools.profiler import add_arguments as profile_arguments
 
     profile = sub.add_parser(
         "profile",
@@ -134,23 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "broker":
-            from streamer.devtools import run_broker
+            from streamer.tools.devtools import run_broker
 
             return run_broker(args.port, args.topic)
         if args.command == "demo":
-            from streamer.demo import run_demo
+            from streamer.tools.demo import run_demo
 
             return run_demo(args.records, args.model_path, args.batch_size)
         if args.command == "check-model":
-            from streamer.checkmodel import run_check_model
+            from streamer.tools.checkmodel import run_check_model
 
             return run_check_model(args.path, args.task, args.max_length, args.device)
         if args.command == "bench":
-            from streamer.bench import run_bench
+            from streamer.tools.bench import run_bench
 
             return run_bench(args)
         if args.command == "profile":
-            from streamer.profiler import run_profile
+            from streamer.tools.profiler import run_profile
 
             return run_profile(args)
     except ConfigError as exc:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from streamer.logs import setup_logging
+    from streamer.observability.logs import setup_logging
 
     cfg = load_config(args.config)
     cfg.require_model_path()

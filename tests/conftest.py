@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from support import build_tiny_model
 
-from streamer.broker import EmbeddedBroker
+from streamer.kafka.broker import EmbeddedBroker
 
 _topic_ids = itertools.count()
 

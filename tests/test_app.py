@@ -12,7 +12,7 @@ import pytest
 import yaml
 from support import base_config, committed, json_records, produce, read_topic, service_process
 
-from streamer.broker import create_topics
+from streamer.kafka.broker import create_topics
 
 pytestmark = pytest.mark.integration
 

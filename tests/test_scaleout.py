@@ -18,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support import base_config, json_records, produce, read_topic, service_process
 
-from streamer.broker import create_topics, free_port
+from streamer.kafka.broker import create_topics, free_port
 
 pytestmark = pytest.mark.integration
 

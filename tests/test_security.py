@@ -16,9 +16,9 @@ import orjson
 import pytest
 from support import RunningService, base_config, json_records
 
-from streamer.broker import EmbeddedBroker, free_port
 from streamer.config import load_config
-from streamer.kafka_client import client_kwargs
+from streamer.kafka.broker import EmbeddedBroker, free_port
+from streamer.kafka.client import client_kwargs
 
 pytestmark = pytest.mark.integration
 

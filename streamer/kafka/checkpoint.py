@@ -1,0 +1,159 @@
+"""The checkpoint: which offsets are safe to commit, per partition, tracked per fetched chunk.
+
+Every fetched chunk (one partition's records from one fetch) is *tracked* before any work starts
+on it; each of its outputs (a result or a DLQ record) counts it down when the broker has
+acknowledged it. The committable offset of a partition is ``last + 1`` of the newest chunk of the
+unbroken run of finished chunks at its head, so a commit never runs ahead of a record whose
+output is not yet durable, however out of order acks arrive. Work is counted per chunk, not per
+record: a fetch of 500 records is one append here, an acknowledged batch one subtraction per
+chunk it touches.
+
+Order of a commit (Quix Streams' checkpoint): flush the producer, then commit. On revoke a
+partition's state is forgotten; a bumped *generation* makes late acks for it harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamer.stream.records import Chunk, TopicPartition
+
+
+@dataclass
+class _PartitionState:
+    generation: int
+    chunks: deque[Chunk] = field(default_factory=deque)  # tracked, in offset order
+    last_tracked: int = -1
+    next_commit: int | None = None  # offset to commit (last finished offset + 1)
+    committed: int | None = None
+    outstanding: int = 0  # records whose outputs are neither acknowledged nor abandoned
+
+
+class OffsetTracker:
+    """Per-partition chunks in flight; wakes waiters when work drains."""
+
+    def __init__(self) -> None:
+        self._parts: dict[TopicPartition, _PartitionState] = {}
+        self._generation = 0
+        self._in_flight = 0
+        self._changed = asyncio.Event()  # set whenever in-flight work completes
+
+    # -- assignment -------------------------------------------------------------------------
+    def assign(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            if tp not in self._parts:
+                self._generation += 1
+                self._parts[tp] = _PartitionState(self._generation)
+
+    def forget(self, tps: list[TopicPartition]) -> int:
+        """Drop revoked partitions. Returns how many of their records were still in flight."""
+        dropped = 0
+        for tp in tps:
+            state = self._parts.pop(tp, None)
+            if state is not None:
+                dropped += state.outstanding
+                for chunk in state.chunks:
+                    chunk.abandoned = True
+        self._in_flight -= dropped
+        self._changed.set()
+        return dropped
+
+    def generation(self, tp: TopicPartition) -> int | None:
+        state = self._parts.get(tp)
+        return state.generation if state else None
+
+    def current(self, chunk: Chunk) -> bool:
+        """False once the chunk's partition was revoked (or re-assigned) since it was fetched."""
+        state = self._parts.get(chunk.tp)
+        return state is not None and state.generation == chunk.generation and not chunk.abandoned
+
+    # -- tracking -------------------------------------------------------------------------------
+    def track(self, tp: TopicPartition, messages: list[Any], fetched_at: float, ns: int) -> Chunk:
+        """Register one partition's fetched records as a chunk (before any work starts)."""
+        state = self._parts.get(tp)
+        if state is None:  # fetched before the assign callback ran: assign implicitly
+            self.assign([tp])
+            state = self._parts[tp]
+        first = messages[0].offset
+        if first <= state.last_tracked:
+            raise ValueError(f"{tp}: offset {first} tracked out of order")
+        n = len(messages)
+        chunk = Chunk(tp, state.generation, messages, fetched_at, ns, remaining=n)
+        state.chunks.append(chunk)
+        state.last_tracked = messages[-1].offset
+        state.outstanding += n
+        self._in_flight += n
+        return chunk
+
+    def done(self, chunk: Chunk, n: int = 1) -> bool:
+        """``n`` of the chunk's outputs were acknowledged. False if its partition was revoked."""
+        state = self._parts.get(chunk.tp)
+        if state is None or state.generation != chunk.generation:
+            return False
+        chunk.remaining -= n
+        state.outstanding -= n
+        self._in_flight -= n
+        if chunk.remaining <= 0:
+            chunks = state.chunks
+            while chunks and chunks[0].remaining <= 0 and not chunks[0].abandoned:
+                state.next_commit = chunks.popleft().last + 1
+        self._changed.set()
+        return True
+
+    def abandon(self, chunk: Chunk, n: int) -> None:
+        """Give up on ``n`` of the chunk's records (its partition is being revoked): they no
+        longer count as in flight, but the chunk stays pending, so no commit passes it and the
+        next owner processes it again."""
+        state = self._parts.get(chunk.tp)
+        if state is None or state.generation != chunk.generation:
+            return
+        chunk.abandoned = True
+        chunk.remaining -= n
+        state.outstanding -= n
+        self._in_flight -= n
+        self._changed.set()
+
+    # -- committing -----------------------------------------------------------------------------
+    def committable(self) -> dict[TopicPartition, int]:
+        """Offsets (next to read) that moved since the last :meth:`mark_committed`."""
+        return {
+            tp: s.next_commit
+            for tp, s in self._parts.items()
+            if s.next_commit is not None and s.next_commit != s.committed
+        }
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        state = self._parts.get(tp)
+        return state.committed if state else None
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, off in offsets.items():
+            state = self._parts.get(tp)
+            if state is not None:
+                state.committed = off
+
+    # -- waiting ------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def outstanding(self, tps: list[TopicPartition] | None = None) -> int:
+        if tps is None:
+            return self._in_flight
+        return sum(s.outstanding for tp in tps if (s := self._parts.get(tp)) is not None)
+
+    async def wait_changed(self) -> None:
+        """Wait until some in-flight record completes (or a partition is forgotten)."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    async def wait_below(self, limit: int, tps: list[TopicPartition] | None = None) -> None:
+        """Wait until fewer than ``limit`` records (of ``tps``) are outstanding."""
+        while self.outstanding(tps) >= limit:
+            await self.wait_changed()
+
+    def partitions(self) -> list[TopicPartition]:
+        return list(self._parts)

@@ -1,0 +1,58 @@
+"""A small, varied English corpus for int8 calibration (see :mod:`streamer.models.backends`).
+
+It only has to show the model typical activation ranges per channel, so it mixes short and
+long sentences, questions, numbers, code and reviews. It never reaches a result.
+"""
+
+from __future__ import annotations
+
+CALIBRATION_TEXTS = (
+    "The weather in Lisbon was warm and sunny for most of the week.",
+    "How do I reset my password if I no longer have access to my email?",
+    "Quarterly revenue rose 12% to $4.3 billion, beating analyst estimates.",
+    "She played the cello in the city orchestra for twenty years.",
+    "Error 504: the upstream server did not respond in time.",
+    "Add two cups of flour, a pinch of salt and stir until smooth.",
+    "The committee postponed the vote until after the summer recess.",
+    "Is it safe to take ibuprofen together with paracetamol?",
+    "Our flight was cancelled, so we rented a car and drove through the night.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "I love this phone, but the battery barely lasts a day.",
+    "The museum reopens on Monday with a new exhibition of modern sculpture.",
+    "def parse(line): return line.strip().split(',')",
+    "Terrible service. I waited forty minutes and nobody took my order.",
+    "The striker scored twice in the second half to secure the title.",
+    "Please find attached the signed contract and the updated invoice.",
+    "Volcanic ash grounded hundreds of flights across northern Europe.",
+    "What is the difference between a virus and a bacterium?",
+    "The new library has quiet rooms, a cafe and free wifi.",
+    "Interest rates are expected to stay unchanged until next spring.",
+    "My cat refuses to eat anything except one brand of dry food.",
+    "The bridge was closed for repairs after inspectors found cracks.",
+    "Thanks so much for your help yesterday, it really made a difference!",
+    "The algorithm runs in O(n log n) time and uses linear memory.",
+    "Farmers are worried that the drought will ruin this year's harvest.",
+    "Can you recommend a good book about the history of mathematics?",
+    "The hotel room was clean, spacious and had a great view of the bay.",
+    "Scientists detected gravitational waves from two merging black holes.",
+    "Shipping took three weeks and the box arrived damaged.",
+    "The mayor announced plans to plant ten thousand trees by 2030.",
+    "Update: the outage affecting login has been resolved.",
+    "He quit his job in finance to open a small bakery in the village.",
+    "Yes.",
+    "Where is the nearest train station?",
+    "The patient reported mild headaches and occasional dizziness after the new medication.",
+    "Stock markets in Asia fell sharply after the central bank raised rates unexpectedly.",
+    "This is the third time the app has crashed while uploading photos, please fix it.",
+    "The treaty, signed in 1648, ended decades of war in central Europe.",
+    "Set the timeout to 30 seconds and retry with exponential backoff.",
+    "A gentle breeze carried the smell of pine through the open window.",
+    "Students must submit their essays before midnight on Friday.",
+    "The film's soundtrack is beautiful, but the plot drags in the middle.",
+    "Our team is hiring backend engineers with experience in distributed systems.",
+    "Wildfires forced thousands of residents to evacuate their homes overnight.",
+    "Return the item within 30 days for a full refund, no questions asked.",
+    "The telescope captured images of a galaxy thirteen billion light years away.",
+    "I'm not sure whether to choose the blue one or the green one.",
+    "Local elections saw the highest turnout in two decades.",
+)

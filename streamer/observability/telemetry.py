@@ -1,0 +1,212 @@
+"""Telemetry hooks the stages call, once per batch, never once per record.
+
+The counts live in one place, the Prometheus counters of :class:`~streamer.observability.metrics.
+Metrics`; what the demo, the benchmark and the tests need beyond them is kept here: a bounded
+sample of fetch→ack latencies (for percentiles finer than histogram buckets), the time of the
+first fetch and the last acknowledgement, and the event loop's CPU time between them. Waiting for
+"N outputs acknowledged" is :meth:`Telemetry.wait_outputs` (event wake-ups, no polling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram
+
+from streamer.config import TracingConfig
+from streamer.observability.metrics import Metrics
+from streamer.observability.tracing import Tracing
+from streamer.stream.records import ModelInfo
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100); NaN for no values."""
+    data = sorted(values)
+    if not data:
+        return float("nan")
+    return data[min(len(data) - 1, max(0, round(q / 100 * (len(data) - 1))))]
+
+
+def counter_total(counter: PromCounter) -> float:
+    """The sum of a (labelled) counter over all its label values."""
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def observe_many(hist: Histogram, values: np.ndarray) -> None:
+    """``hist.observe(v)`` for every value, in one call per bucket instead of one per value.
+
+    prometheus_client has no batch observe; this does what ``observe`` does (non-cumulative
+    bucket counts, then the sum) with numpy, so per-record latencies cost no Python call each.
+    """
+    if len(values) == 0:
+        return
+    bounds = np.asarray(hist._upper_bounds)  # includes +Inf
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts):
+        hist._buckets[i].inc(int(counts[i]))
+    hist._sum.inc(float(values.sum()))
+
+
+class LatencySample:
+    """A bounded ring of latencies in seconds, filled a batch at a time."""
+
+    def __init__(self, size: int = 200_000) -> None:
+        self._buf = np.zeros(size, dtype=np.float64)
+        self._n = 0
+
+    def add(self, values: np.ndarray) -> None:
+        size = len(self._buf)
+        values = values[-size:]
+        start = self._n % size
+        end = start + len(values)
+        if end <= size:
+            self._buf[start:end] = values
+        else:
+            cut = size - start
+            self._buf[start:] = values[:cut]
+            self._buf[: end - size] = values[cut:]
+        self._n += len(values)
+
+    def values(self) -> np.ndarray:
+        return self._buf[: min(self._n, len(self._buf))]
+
+    def percentile(self, q: float) -> float | None:
+        v = self.values()
+        return float(np.percentile(v, q, method="nearest")) if len(v) else None
+
+
+class Telemetry:
+    """The one object stages report to; observers subscribe to acknowledged outputs."""
+
+    def __init__(self, tracing: TracingConfig | None = None) -> None:
+        self.metrics = Metrics()
+        self.tracing = Tracing(tracing or TracingConfig())
+        self.latencies = LatencySample()
+        self.first_fetch_at: float | None = None  # monotonic
+        self.last_ack_at: float | None = None
+        self._loop_cpu_at_first_fetch = 0.0
+        self._loop_cpu_at_last_ack = 0.0
+        self._on_outputs: list[Callable[[int], None]] = []
+        self._changed: asyncio.Event | None = None
+
+    # -- what observers read ----------------------------------------------------------------
+    def outputs(self) -> tuple[int, int]:
+        """(results, dead letters) acknowledged by the broker so far (the Prometheus counts)."""
+        m = self.metrics
+        return int(counter_total(m.published)), int(counter_total(m.dead_lettered))
+
+    def subscribe(self, fn: Callable[[int], None]) -> None:
+        """``fn(n)`` after each acknowledged batch of ``n`` outputs (progress bars)."""
+        self._on_outputs.append(fn)
+
+    async def wait_outputs(self, n: int, timeout_s: float | None = None) -> None:
+        """Until ``n`` outputs (results + dead letters) are acknowledged; TimeoutError after."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while sum(self.outputs()) < n:
+            self._changed.clear()
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                published, dead = self.outputs()
+                raise TimeoutError(f"only {published} results + {dead} dead letters of {n}")
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                continue
+
+    def throughput(self) -> float:
+        """Outputs per second from the first fetch to the last acknowledgement."""
+        if self.first_fetch_at is None or self.last_ack_at is None:
+            return 0.0
+        span = self.last_ack_at - self.first_fetch_at
+        return sum(self.outputs()) / span if span > 0 else 0.0
+
+    def loop_cpu_per_record_s(self) -> float:
+        """Event-loop thread CPU seconds per output, first fetch to last acknowledgement."""
+        done = sum(self.outputs())
+        cpu = self._loop_cpu_at_last_ack - self._loop_cpu_at_first_fetch
+        return cpu / done if done else float("nan")
+
+    def batch_means(self, model: str) -> tuple[float, float]:
+        """(mean rows per batch, mean padding ratio) of ``model``'s batches so far."""
+        m = self.metrics
+
+        def sum_count(hist: Histogram) -> tuple[float, float]:
+            s = c = 0.0
+            for metric in hist.collect():
+                for sample in metric.samples:
+                    if sample.labels.get("model") != model:
+                        continue
+                    if sample.name.endswith("_sum"):
+                        s += sample.value
+                    elif sample.name.endswith("_count"):
+                        c += sample.value
+            return s, c
+
+        rows, batches = sum_count(m.batch_size)
+        pad, _ = sum_count(m.padding_ratio)
+        return (rows / batches if batches else 0.0), (pad / batches if batches else 0.0)
+
+    # -- what stages report (on the event loop, once per batch) -------------------------------
+    def model_loaded(self, info: ModelInfo, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.metrics.model_load.labels(f"{info.name}@{info.version}", phase).set(seconds)
+
+    def fetched(self, topic_counts: dict[str, int], now: float) -> None:
+        if self.first_fetch_at is None:
+            self.first_fetch_at = now
+            self._loop_cpu_at_first_fetch = time.thread_time()
+        for topic, n in topic_counts.items():
+            self.metrics.consumed.labels(topic).inc(n)
+
+    def tokenized(self, seconds: float) -> None:
+        self.metrics.tokenize.observe(seconds)
+
+    def batch(self, rows: int, tokens: int, padded: int, model: str, waits: np.ndarray) -> None:
+        m = self.metrics
+        m.batch_size.labels(model).observe(rows)
+        m.batch_tokens.labels(model).observe(padded)
+        m.padding_ratio.labels(model).observe(1 - tokens / padded if padded else 0.0)
+        observe_many(m.batch_wait, waits)
+
+    def inferred(self, seconds: float, model: str) -> None:
+        self.metrics.inference.labels(model).observe(seconds)
+
+    def out_of_memory(self, budget: int | None, restored: int | None = None) -> None:
+        """An OOM lowered the token budget to ``budget`` (or it was ``restored``)."""
+        if budget is not None:
+            self.metrics.oom.inc()
+        self.metrics.token_budget.set(budget if budget is not None else restored or 0)
+
+    def rebalanced(self) -> None:
+        self.metrics.rebalances.inc()
+
+    def acknowledged(
+        self,
+        published: dict[tuple[str, str], int],
+        dead_lettered: dict[tuple[str, str], int],
+        fetch_latencies: np.ndarray,
+        end_to_end: np.ndarray,
+    ) -> None:
+        """One acknowledged output batch: counts by (topic, model) / (topic, reason), the
+        fetch→ack latency and the record-timestamp→ack latency of each of its records."""
+        m = self.metrics
+        for (topic, model), n in published.items():
+            m.published.labels(topic, model).inc(n)
+        for (topic, reason), n in dead_lettered.items():
+            m.dead_lettered.labels(topic, reason).inc(n)
+        observe_many(m.end_to_end, end_to_end)
+        self.latencies.add(fetch_latencies)
+        self.last_ack_at = time.monotonic()
+        self._loop_cpu_at_last_ack = time.thread_time()
+        n = len(fetch_latencies)
+        for fn in self._on_outputs:
+            fn(n)
+        if self._changed is not None:
+            self._changed.set()

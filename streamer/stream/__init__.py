@@ -1,0 +1,1 @@
+"""The stream: record types, decoding and encoding, the batcher and the pipeline's stages."""

@@ -1,0 +1,250 @@
+"""Micro-batching by size, token budget and time, grouping records of similar length.
+
+Records wait as :class:`Rows`, column-wise (numpy), so a fetch of hundreds of records is one
+append and a batch one selection: the event loop does no Python work per record here.
+
+A batch is released when any of these holds:
+
+* ``max_batch_size`` records of one model are waiting, or their tokens reach ``max_batch_tokens``;
+* the oldest waiting record has waited ``max_wait_ms`` (monotonic clock);
+* nothing more is on its way (``upstream_idle()``), so a record never waits for a batch that
+  will not fill — at low load latency is one batch time, at high load batches fill;
+* the batcher is closed (drain).
+
+A batch never mixes models (or versions): it is built around the *oldest* waiting record (so
+none starves) from its neighbours of the same model in length order: the largest window that
+fits the padded-token budget (rows × longest row), and among those the one that pads least.
+Waiting uses an event, never a sleep loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+_EMPTY_OBJ = np.empty(0, dtype=object)
+
+
+@dataclass(slots=True)
+class Rows:
+    """Tokenized records bound to one model version, one numpy column per field.
+
+    ``chunks[i]`` is the :class:`~streamer.stream.records.Chunk` row ``i`` came from and
+    ``index[i]`` its position there; ``ids[i]`` its token ids; ``record_ids[i]`` the id field of
+    its JSON value; ``trace[i]`` ``None`` or its ``(traceparent, tracestate)`` header bytes.
+    """
+
+    bound: Any  # the registry's Loaded model version every row is bound to
+    chunks: np.ndarray  # object
+    index: np.ndarray  # int64
+    ids: np.ndarray  # object: list[int] per row
+    lengths: np.ndarray  # int64
+    record_ids: np.ndarray  # object
+    trace: np.ndarray  # object
+    arrived: np.ndarray  # float64, monotonic time of arrival in the batcher
+    tokenize_ns: np.ndarray  # int64 (n, 2): wall-clock span of its tokenize call
+    fetched_at: np.ndarray  # float64, monotonic time its chunk was fetched
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def take(self, idx: np.ndarray) -> Rows:
+        """The rows at ``idx`` (integer positions or a boolean mask), as a new Rows."""
+        return Rows(self.bound, *(getattr(self, f.name)[idx] for f in fields(self)[1:]))
+
+    @staticmethod
+    def concat(parts: list[Rows]) -> Rows:
+        if len(parts) == 1:
+            return parts[0]
+        return Rows(
+            parts[0].bound,
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Rows)[1:]),
+        )
+
+    @staticmethod
+    def empty(bound: Any) -> Rows:
+        return Rows(
+            bound,
+            _EMPTY_OBJ,
+            np.empty(0, np.int64),
+            _EMPTY_OBJ,
+            np.empty(0, np.int64),
+            _EMPTY_OBJ,
+            _EMPTY_OBJ,
+            np.empty(0, np.float64),
+            np.empty((0, 2), np.int64),
+            np.empty(0, np.float64),
+        )
+
+
+class BatcherClosed(Exception):
+    """Raised by :meth:`Batcher.next_batch` once closed and empty."""
+
+
+class _Pending:
+    """One model's waiting rows, in arrival order (so the oldest is row 0)."""
+
+    __slots__ = ("parts", "rows", "tokens")
+
+    def __init__(self) -> None:
+        self.parts: list[Rows] = []
+        self.rows = 0
+        self.tokens = 0
+
+    def merged(self) -> Rows:
+        if len(self.parts) > 1:
+            self.parts = [Rows.concat(self.parts)]
+        return self.parts[0]
+
+    def oldest(self) -> float:
+        return float(self.parts[0].arrived[0])
+
+
+class Batcher:
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        upstream_idle: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._upstream_idle = upstream_idle
+        self._clock = clock
+        self._groups: dict[Hashable, _Pending] = {}  # by model version, in first-arrival order
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return sum(g.rows for g in self._groups.values())
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(g.tokens for g in self._groups.values())
+
+    def put(self, rows: Rows) -> None:
+        """Add a block of rows (one model version); they arrive now."""
+        if self._closed:
+            raise BatcherClosed("batcher is closed")
+        if not len(rows):
+            return
+        rows.arrived = np.full(len(rows), self._clock())
+        group = self._groups.get(id(rows.bound))
+        if group is None:
+            group = self._groups[id(rows.bound)] = _Pending()
+        group.parts.append(rows)
+        group.rows += len(rows)
+        group.tokens += rows.tokens
+        self._wakeup.set()
+
+    def poke(self) -> None:
+        """Re-evaluate flush conditions (e.g. upstream just became idle)."""
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """No more input: pending records flush without waiting, then BatcherClosed."""
+        self._closed = True
+        self._wakeup.set()
+
+    def remove_if(self, predicate: Callable[[Any], bool]) -> list[Rows]:
+        """Take out waiting rows whose chunk matches ``predicate`` (e.g. revoked partitions)."""
+        gone = []
+        for key, group in list(self._groups.items()):
+            rows = group.merged()
+            verdict = {id(c): predicate(c) for c in set(rows.chunks.tolist())}
+            mask = np.fromiter((verdict[id(c)] for c in rows.chunks), bool, len(rows))
+            if not mask.any():
+                continue
+            gone.append(rows.take(mask))
+            self._replace(key, rows.take(~mask))
+        return gone
+
+    def _replace(self, key: Hashable, rows: Rows) -> None:
+        if not len(rows):
+            del self._groups[key]
+            return
+        group = self._groups[key]
+        group.parts, group.rows, group.tokens = [rows], len(rows), rows.tokens
+
+    def _oldest_group(self) -> tuple[Hashable, _Pending]:
+        return min(self._groups.items(), key=lambda kv: kv[1].oldest())
+
+    def _ready(self) -> bool:
+        if not self._groups:
+            return False
+        if self._closed:
+            return True
+        for g in self._groups.values():
+            if g.rows >= self.max_batch_size or g.tokens >= self.max_batch_tokens:
+                return True
+        if self._clock() >= self._oldest_group()[1].oldest() + self.max_wait_s:
+            return True
+        return self._upstream_idle is not None and self._upstream_idle()
+
+    async def next_batch(self) -> Rows:
+        """Wait for a batch per the rules above and take it out."""
+        while True:
+            if self._ready():
+                return self._take()
+            if self._closed:
+                raise BatcherClosed("batcher is closed")
+            self._wakeup.clear()
+            timeout = None
+            if self._groups:
+                deadline = self._oldest_group()[1].oldest() + self.max_wait_s
+                timeout = max(0.0, deadline - self._clock())
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _take(self) -> Rows:
+        key, group = self._oldest_group()
+        rows = group.merged()
+        lengths = np.maximum(rows.lengths, 1)
+        order = np.argsort(lengths, kind="stable")
+        picked = order[window(lengths[order], int(np.flatnonzero(order == 0)[0]), self)]
+        batch = rows.take(picked)
+        keep = np.ones(len(rows), bool)
+        keep[picked] = False
+        self._replace(key, rows.take(keep))
+        return batch
+
+
+def window(sorted_lengths: np.ndarray, p: int, limits: Batcher) -> slice:
+    """The slice of ``sorted_lengths`` (ascending) that makes the batch around position ``p``.
+
+    The largest window containing ``p`` whose padded size (rows × its longest row) fits the
+    token budget, at most ``max_batch_size`` rows (at least the one row ``p``); among windows of
+    that size the one that adds the least padding. Vectorized: a window of ``k`` rows containing
+    ``p`` fits iff the leftmost such window does, ``k × L[max(k-1, p)] ≤ budget``.
+    """
+    n = len(sorted_lengths)
+    budget = limits.max_batch_tokens
+    k_max = min(limits.max_batch_size, n)
+    ks = np.arange(1, k_max + 1)
+    fits = ks * sorted_lengths[np.maximum(ks - 1, p)] <= budget
+    k = int(np.flatnonzero(fits)[-1]) + 1 if fits.any() else 1
+    lo_min, lo_max = max(0, p - k + 1), min(p, n - k)
+    los = np.arange(lo_min, lo_max + 1)
+    widths = sorted_lengths[los + k - 1]
+    cs = np.concatenate(([0], np.cumsum(sorted_lengths)))
+    padding = (k * widths - (cs[los + k] - cs[los])).astype(np.float64)
+    padding[k * widths > budget] = np.inf
+    lo = int(los[int(np.argmin(padding))]) if k > 1 else p
+    return slice(lo, lo + k)

@@ -1,0 +1,93 @@
+"""Results → record batches, for a whole inference batch at once, on the encode thread.
+
+The model's output matrix becomes one JSON value per record (the ``result`` parts in one pass
+over the matrix, see :func:`~streamer.stream.codec.result_fragments`), keyed and partitioned
+like its input, appended to one aiokafka record batch per output partition. Rows the model
+failed on become dead letters in the same call. The loop gets back finished batches to send.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamer.config import StreamerConfig
+from streamer.kafka.publisher import OutBatch
+from streamer.models.worker import Inferred
+from streamer.observability.tracing import Tracing
+from streamer.stream.batcher import Rows
+from streamer.stream.codec import (
+    TRACEPARENT,
+    TRACESTATE,
+    model_fragment,
+    result_fragments,
+    result_headers,
+    result_value,
+)
+from streamer.stream.outputs import Destinations, Outputs
+from streamer.stream.spans import record_span
+
+
+class Encoder:
+    """The encode stage's thread-side work."""
+
+    def __init__(self, cfg: StreamerConfig, tracing: Tracing) -> None:
+        self._encoding = cfg.output.embedding_encoding
+        self._tracing = tracing
+        self._group_id = cfg.kafka.group_id
+
+    def __call__(
+        self, batch: Rows, inferred: Inferred, dest: Destinations, spans: list[Any]
+    ) -> list[OutBatch]:
+        loaded = batch.bound
+        model, info = loaded.model, loaded.info
+        out = Outputs(dest, model=info.name)
+        out.spans.extend(spans)
+        failures = inferred.failures
+        frags: list[Any] = []
+        if inferred.outputs is not None:
+            frags = result_fragments(
+                inferred.outputs,
+                info.task,
+                getattr(model, "labels", None) or {},
+                encoding=self._encoding,
+                return_all_scores=loaded.cfg.return_all_scores,
+            )
+        model_json = model_fragment(info)
+        tracing = self._tracing.enabled
+        chunks, index = batch.chunks.tolist(), batch.index.tolist()
+        record_ids, traces = batch.record_ids.tolist(), batch.trace.tolist()
+        for j, chunk in enumerate(chunks):
+            i = index[j]
+            if j in failures:
+                err = failures[j]
+                out.dead_letter(chunk, i, err)
+                if tracing and (
+                    span := record_span(self._tracing, self._group_id, chunk, i, traces[j])
+                ):
+                    self._tracing.fail(span, err.error_class, err.message)
+                    out.spans.append(span)
+                continue
+            m = chunk.messages[i]
+            tp = chunk.tp
+            value = result_value(
+                record_ids[j], frags[j], model_json, tp.topic, tp.partition, m.offset
+            )
+            if tracing:
+                headers = self._traced(out, chunk, i, traces[j])
+            else:
+                headers = result_headers(traces[j]) if traces[j] is not None else []
+            out.result(chunk, i, value, headers)
+        return out.batches()
+
+    def _traced(self, out: Outputs, chunk: Any, i: int, context: Any) -> list:
+        span = record_span(self._tracing, self._group_id, chunk, i, context)
+        if span is None:
+            return result_headers(context)
+        out.spans.append(span)  # ended with the batch's acknowledgement
+        parent, state = self._tracing.inject(span)
+        headers = []
+        if parent:
+            headers.append((TRACEPARENT, parent.encode("ascii")))
+            if state:
+                headers.append((TRACESTATE, state.encode("ascii")))
+        return headers
