@@ -15,6 +15,7 @@ through ``on_fatal`` rather than being dropped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable, Coroutine
@@ -30,6 +31,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from streamer.config import KafkaConfig
@@ -108,7 +110,9 @@ class OutBatch:
     def __len__(self) -> int:
         return len(self.values)
 
-    def finish(self, builder_factory: Callable[[], Any] | None = None) -> OutBatch:
+    def finish(
+        self, builder_factory: Callable[[], Any] | None = None, prebuild: bool = False
+    ) -> OutBatch:
         """Precompute the per-batch accounting (on the stage thread) and build the batch."""
         counts: dict[Chunk, int] = {}
         for c in self.chunks:
@@ -131,16 +135,23 @@ class OutBatch:
             len(self),
         )
         if builder_factory is not None:
-            self.builder = self.build(builder_factory)
+            self.builder = self.build(builder_factory, prebuild)
         return self
 
-    def build(self, builder_factory: Callable[[], Any]) -> Any:
-        """A closed BatchBuilder holding every record, or None if they do not fit one."""
+    def build(self, builder_factory: Callable[[], Any], prebuild: bool = False) -> Any:
+        """A closed BatchBuilder holding every record, or None if they do not fit one.
+
+        ``prebuild`` also serialises it (CRC, compression) here, off the loop: aiokafka's
+        sender would otherwise do that on the event loop when it sends the batch
+        (``BatchBuilder._build`` caches the buffer). Not with idempotence, where the sender
+        writes the producer id into the batch first."""
         builder = builder_factory()
         for k, v, h in zip(self.keys, self.values, self.headers, strict=True):
             if builder.append(key=k, value=v, timestamp=None, headers=h) is None:
-                return None  # over batch_size: the loop sends it in pieces
+                return None  # over the builder's size: the loop sends it in pieces
         builder.close()
+        if prebuild:
+            builder._build()
         return builder
 
     def split(self) -> list[OutBatch]:
@@ -203,10 +214,19 @@ class Publisher:
     def unacked(self) -> int:
         return self._unacked
 
-    def builder_factory(self) -> Any:
-        """``create_batch`` of the producer: callable from a stage thread (it only reads
-        settings); the builders it makes are filled there and sent from the loop."""
-        return self.producer.create_batch
+    def builder_factory(self) -> Callable[[], BatchBuilder]:
+        """Makes empty record batches of up to ``max_request_size`` bytes with the producer's
+        compression; callable from a stage thread. (``create_batch()`` would cap them at
+        ``batch_size``, made for ``send()``'s lingering batches, not for whole batches.)"""
+        capacity = self._cfg.max_request_size
+        # aiokafka keeps the compression codec only on its accumulator
+        compression = getattr(self.producer._message_accumulator, "_compression_type", 0)
+        return functools.partial(BatchBuilder, capacity, compression, is_transactional=False)
+
+    @property
+    def prebuild(self) -> bool:
+        """Whether stage threads may serialise record batches (see :meth:`OutBatch.build`)."""
+        return not self._cfg.enable_idempotence
 
     async def partitions(
         self, topic: str, *, retry_with: list[OutBatch] | None = None
@@ -245,7 +265,7 @@ class Publisher:
         producer = self.producer
         builder, out.builder = out.builder, None
         if builder is None:
-            builder = out.build(producer.create_batch)
+            builder = out.build(self.builder_factory())
             if builder is None:  # larger than one record batch: halves until they fit
                 if len(out) == 1:
                     self._reject(out, RecordTooLargeError("record larger than kafka.batch_size"))
@@ -271,7 +291,7 @@ class Publisher:
                     return
                 out.attempt += 1
                 await self._sleep(out.topic, exc, out.attempt)
-                builder = out.build(producer.create_batch)
+                builder = out.build(self.builder_factory())
                 continue
             fut.add_done_callback(lambda f, o=out: self._delivered(o, f))
             return

@@ -59,7 +59,7 @@ class Rows:
 
     def take(self, idx: np.ndarray) -> Rows:
         """The rows at ``idx`` (integer positions or a boolean mask), as a new Rows."""
-        return Rows(self.bound, *(getattr(self, f.name)[idx] for f in fields(self)[1:]))
+        return Rows(self.bound, *[getattr(self, name)[idx] for name in _COLUMNS])
 
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:
@@ -67,7 +67,7 @@ class Rows:
             return parts[0]
         return Rows(
             parts[0].bound,
-            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Rows)[1:]),
+            *[np.concatenate([getattr(p, name) for p in parts]) for name in _COLUMNS],
         )
 
     @staticmethod
@@ -84,6 +84,9 @@ class Rows:
             np.empty((0, 2), np.int64),
             np.empty(0, np.float64),
         )
+
+
+_COLUMNS = tuple(f.name for f in fields(Rows)[1:])
 
 
 class BatcherClosed(Exception):

@@ -27,6 +27,7 @@ class Destinations:
     dlq: Partitions
     max_request_size: int
     builder_factory: Callable[[], Any] | None = None  # None: the loop builds on send
+    prebuild: bool = False  # serialise the record batch here too (not with idempotence)
 
 
 class Outputs:
@@ -36,15 +37,23 @@ class Outputs:
         self._dest = dest
         self._model = model
         self._groups: dict[tuple[str, int], OutBatch] = {}
+        self._sizes: dict[tuple[str, int], int] = {}
+        self._full: list[OutBatch] = []  # batches closed because the next record would not fit
         self._keyless: dict[str, int] = {}
         self.spans: list[Any] = []  # ended once every batch of this call is acknowledged
 
-    def _group(self, parts: Partitions, key: bytes | None, dead: bool) -> OutBatch:
+    def _group(self, parts: Partitions, key: bytes | None, dead: bool, size: int) -> OutBatch:
         keyless = self._keyless.get(parts.topic)
         if keyless is None:
             keyless = self._keyless[parts.topic] = parts.sticky()
         partition = parts.for_key(key, keyless)
-        out = self._groups.get((parts.topic, partition))
+        where = (parts.topic, partition)
+        out = self._groups.get(where)
+        # One record batch carries at most max_request_size (less a margin for the overhead).
+        if out is not None and self._sizes[where] + size > self._dest.max_request_size * 0.9:
+            self._full.append(out)
+            out = None
+        self._sizes[where] = (self._sizes.get(where, 0) if out is not None else 0) + size
         if out is None:
             out = OutBatch(
                 parts.topic,
@@ -58,7 +67,7 @@ class Outputs:
                 [] if dead else None,
                 "" if dead else self._model,
             )
-            self._groups[(parts.topic, partition)] = out
+            self._groups[where] = out
         return out
 
     def _too_large(self, key: bytes | None, value: bytes | None, headers: Headers) -> bool:
@@ -81,7 +90,8 @@ class Outputs:
             )
             return
         assert self._dest.results is not None
-        out = self._group(self._dest.results, key, dead=False)
+        size = len(value) + (len(key) if key else 0) + 64 + sum(len(v) + 8 for _, v in headers)
+        out = self._group(self._dest.results, key, False, size)
         out.keys.append(key)
         out.values.append(value)
         out.headers.append(headers)
@@ -97,7 +107,9 @@ class Outputs:
         if drop_value or self._too_large(m.key, value, headers):
             value = None
             headers.append(("streamer.error.value_dropped", b"true"))
-        out = self._group(self._dest.dlq, m.key, dead=True)
+        size = (len(value) if value else 0) + (len(m.key) if m.key else 0) + 64
+        size += sum(len(k) + len(v) + 8 for k, v in headers)
+        out = self._group(self._dest.dlq, m.key, True, size)
         out.keys.append(m.key)
         out.values.append(value)
         out.headers.append(headers)
@@ -108,7 +120,9 @@ class Outputs:
 
     def batches(self) -> list[OutBatch]:
         """The batches, accounting precomputed and (with a builder factory) built."""
-        outs = [o.finish(self._dest.builder_factory) for o in self._groups.values()]
+        dest = self._dest
+        outs = [o.finish(dest.builder_factory, dest.prebuild) for o in self._full]
+        outs += [o.finish(dest.builder_factory, dest.prebuild) for o in self._groups.values()]
         if self.spans and outs:
             countdown = Countdown(len(outs), self.spans)
             for o in outs:

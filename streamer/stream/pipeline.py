@@ -254,6 +254,7 @@ class Pipeline:
             await pub.partitions(kcfg.dlq_topic),
             kcfg.max_request_size,
             pub.builder_factory(),
+            pub.prebuild,
         )
         if results:
             self._dest = dest

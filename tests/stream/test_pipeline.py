@@ -97,7 +97,8 @@ async def test_bad_records_go_to_the_dlq_and_good_ones_flow(
         assert h["streamer.error.message"]
         seen[m.value] = h["streamer.error.class"]
     assert seen == bad
-    assert svc.service.telemetry.stats.dlq_reasons["InvalidJson"] == 1
+    dead = svc.service.telemetry.metrics.dead_lettered
+    assert dead.labels(topic, "InvalidJson")._value.get() == 1
 
 
 async def test_trace_context_continues(broker: str, topic: str, tiny_model: Path) -> None:
@@ -203,17 +204,17 @@ async def test_flood_keeps_in_flight_bounded(broker: str, topic: str, tiny_model
         peak = max(peak, tracker.in_flight)
         paused_seen = paused_seen or consumer.paused
 
-    svc.service.telemetry.subscribe_done(sample)
-    orig_consumed = svc.service.telemetry.consumed
+    svc.service.telemetry.subscribe(sample)
+    orig_fetched = svc.service.telemetry.fetched
 
-    def consumed(records):  # sample right after each fetch, when in-flight is highest
-        orig_consumed(records)
+    def fetched(*args):  # sample right after each fetch, when in-flight is highest
+        orig_fetched(*args)
         sample()
 
-    svc.service.telemetry.consumed = consumed  # type: ignore[method-assign]
+    svc.service.telemetry.fetched = fetched  # type: ignore[method-assign]
     async with svc:
         await svc.wait_done(n, timeout_s=120)
-    assert svc.service.telemetry.stats.published == n
+    assert svc.service.telemetry.outputs() == (n, 0)
     assert 0 < peak <= limit
     assert paused_seen
 
@@ -257,8 +258,8 @@ async def test_two_consumers_share_partitions_and_lose_nothing_when_one_leaves(
         assert len(pa) + len(pb) == 4
         await b.wait_done(20)
         await b.stop()  # one leaves mid-stream; the other takes over its partitions
-        stats_a, stats_b = a.service.telemetry.stats, b.service.telemetry.stats
-        await a.wait_done(n - stats_b.published - stats_b.dead_lettered, timeout_s=90)
+        done_b = b.service.telemetry.outputs()
+        await a.wait_done(n - sum(done_b), timeout_s=90)
     finally:
         await a.stop()
     out = await read_topic(broker, f"{topic}.out", expect=n, settle_s=0.5)
@@ -267,7 +268,7 @@ async def test_two_consumers_share_partitions_and_lose_nothing_when_one_leaves(
         for m in out
     }
     assert len(sources) == n  # nothing lost
-    assert stats_b.published > 0 and stats_a.published > 0
+    assert done_b[0] > 0 and a.service.telemetry.outputs()[0] > 0
 
 
 async def test_too_long_inputs_can_go_to_the_dlq(broker: str, topic: str, tiny_model: Path) -> None:
@@ -287,7 +288,7 @@ async def test_too_long_inputs_can_go_to_the_dlq(broker: str, topic: str, tiny_m
     assert h["streamer.error.class"] == "TextTooLong"
     assert h["streamer.error.stage"] == "tokenize"
     assert "max_length=16" in h["streamer.error.message"]
-    assert svc.service.telemetry.stats.published == 3
+    assert svc.service.telemetry.outputs()[0] == 3
 
 
 async def test_broker_outage_is_retried_and_nothing_is_committed_ahead(
@@ -328,10 +329,10 @@ async def test_broker_outage_is_retried_and_nothing_is_committed_ahead(
         async with RunningService(cfg, model_factory=SlowModel) as svc:
             await svc.wait_done(200)
             await proxy.cut()
-            published_at_cut = svc.service.telemetry.stats.published
+            published_at_cut = svc.service.telemetry.outputs()[0]
             await asyncio.sleep(3)  # the outage
             # nothing can be acknowledged while the broker is away
-            assert svc.service.telemetry.stats.published <= published_at_cut + 128
+            assert svc.service.telemetry.outputs()[0] <= published_at_cut + 128
             await proxy.start()
             await svc.wait_done(n, timeout_s=120)
         out = await read_topic(bootstrap, f"{topic}.out", expect=n, settle_s=0.5)
@@ -400,5 +401,4 @@ async def test_out_of_memory_splits_lowers_the_budget_and_restores_it(
                 break
             await asyncio.sleep(0.1)
         assert batcher.max_batch_tokens == 2048  # ... then restored
-    stats = svc.service.telemetry.stats
-    assert stats.published == n and stats.dead_lettered == 0  # the stream went on, whole
+    assert svc.service.telemetry.outputs() == (n, 0)  # the stream went on, whole
