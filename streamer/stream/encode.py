@@ -48,7 +48,7 @@ class Encoder:
             frags = result_fragments(
                 inferred.outputs,
                 info.task,
-                getattr(model, "labels", None) or {},
+                _labels(model),
                 encoding=self._encoding,
                 return_all_scores=loaded.cfg.return_all_scores,
             )
@@ -91,3 +91,8 @@ class Encoder:
             if state:
                 headers.append((TRACESTATE, state.encode("ascii")))
         return headers
+
+
+def _labels(model: Any) -> dict[int, str]:
+    """A classifier's id → label names (``labels``; HFTextModel keeps them as ``_labels``)."""
+    return getattr(model, "labels", None) or getattr(model, "_labels", None) or {}
