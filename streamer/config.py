@@ -206,6 +206,23 @@ class ModelConfig(_Section):
         default_factory=lambda: PinsConfig(),
         description="expected sha256 of files (or of the manifest): refuse to start on mismatch",
     )
+    width_multiple: int | None = Field(
+        default=None,
+        ge=1,
+        description="pad each batch's width up to a multiple of this (capped at max_length), "
+        "so batches repeat a few shapes; default: 32 on CUDA, 1 (exact widths) on the CPU",
+    )
+    row_buckets: list[int] | None = Field(
+        default=None,
+        description="pad a batch of r rows with dummy rows up to the smallest bucket >= r "
+        "(more rows than the largest bucket: no row padding); default: on CUDA the powers of "
+        "two up to batching.max_batch_size plus max_batch_size itself, on the CPU none",
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="on CUDA (torch backend), capture one CUDA graph per warmed shape and "
+        "replay it (other shapes run eagerly); ignored on the CPU",
+    )
 
     @field_validator("name", "version")
     @classmethod
@@ -217,6 +234,21 @@ class ModelConfig(_Section):
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @field_validator("row_buckets")
+    @classmethod
+    def _row_buckets(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(
+                "an empty list buckets nothing; leave row_buckets unset for the default, or give "
+                "row counts such as [8, 32, 64]"
+            )
+        bad = [b for b in value if b < 1]
+        if bad:
+            raise ValueError(f"row buckets must be at least 1 row, got {bad}")
+        return sorted(set(value))  # order and repeats do not matter: a bucket is a bound
 
     @field_validator("path")
     @classmethod

@@ -405,7 +405,7 @@ class _ExportedModel(HFTextModel):
         if self._model is not None:  # during export (calibration): the torch model
             return super().forward(batch)
         ids, mask = self.pad(batch)
-        return self._run(ids, mask)
+        return self._run(ids, mask)[: len(batch)]  # padded rows (model.row_buckets) dropped
 
 
 class OnnxRuntimeModel(_ExportedModel):

@@ -1,8 +1,13 @@
 """The model interface: load, tokenize, forward, postprocess, warm-up (after Infinity).
 
 :class:`HFTextModel` serves a local Hugging Face directory, offline. Tokenization uses the Rust
-backend's ``encode_batch`` without padding (padding happens once, into one numpy buffer, in
-:meth:`HFTextModel.forward`), so token counts are known before batching.
+backend's ``encode_batch`` without padding (padding happens once per batch, vectorised, into
+preallocated buffers, in :meth:`HFTextModel.pad`), so token counts are known before batching.
+
+On CUDA batches are padded to a small ladder of shapes (:mod:`streamer.models.shapes`), every
+shape is warmed before the consumer joins, and each is replayed as a CUDA graph: a small encoder
+is bound by kernel launches there, and each new shape costs tens of milliseconds the first time.
+On the CPU shapes stay exact (a new shape costs nothing there, padding costs compute).
 
 Everything here is synchronous and runs on the worker threads of :mod:`streamer.models.worker`,
 never on the event loop.
@@ -11,6 +16,7 @@ never on the event loop.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import time
@@ -20,8 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from streamer.models import mlflow_registry as mlflow_models
 from streamer.config import ModelConfig
+from streamer.models import mlflow_registry as mlflow_models
 from streamer.models.checks import (
     ModelCheckError,
     ModelFiles,
@@ -29,6 +35,14 @@ from streamer.models.checks import (
     raise_on_errors,
     scan,
     verify_pins,
+)
+from streamer.models.shapes import (
+    CUDA_WIDTH_MULTIPLE,
+    GraphRunner,
+    Shape,
+    ShapeLadder,
+    default_row_buckets,
+    min_cosine,
 )
 from streamer.stream.records import ModelInfo
 
@@ -99,6 +113,38 @@ def resolve_dtype(requested: str, device: str) -> str:
     return requested
 
 
+GRAPH_WARM_RUNS = 3  # eager runs of a shape on the capture stream before its capture
+GRAPH_MIN_COSINE = 0.9999  # a replay must agree this well with eager, or the shape runs eagerly
+
+
+class GraphMismatchError(RuntimeError):
+    """A captured graph's output differs from the eager forward's on the same inputs."""
+
+
+@dataclass
+class CudaGraph:
+    """One captured forward for one shape: static device inputs and output, pinned host copy.
+
+    Replays run on the calling thread's current stream; forward is synchronous, so the pinned
+    input buffers are not rewritten while their copies are in flight.
+    """
+
+    torch: Any
+    graph: Any
+    ids: Any
+    mask: Any
+    out: Any
+    host: Any
+
+    def __call__(self, ids: Any, mask: Any, n: int) -> np.ndarray:
+        self.ids.copy_(ids, non_blocking=True)
+        self.mask.copy_(mask, non_blocking=True)
+        self.graph.replay()
+        self.host.copy_(self.out, non_blocking=True)
+        self.torch.cuda.current_stream().synchronize()
+        return self.host[:n].numpy().copy()  # the next replay rewrites the host buffer
+
+
 class HFTextModel:
     """A transformers encoder for feature extraction (pooled embeddings) or classification."""
 
@@ -110,6 +156,14 @@ class HFTextModel:
         self._accepts_token_type_ids = False
         self._buffers: tuple[Any, Any] | None = None
         self._views: tuple[Any, Any] = (None, None)
+        self._model: Any = None
+        # Exact shapes until load() knows the device (and warmup() the batch size).
+        self._ladder_device = "cpu"
+        self.ladder = ShapeLadder(cfg.max_length, cfg.width_multiple or 1)
+        self.graphs: GraphRunner | None = None  # CUDA graphs per shape, after warm-up
+        self.warm_shapes = 0  # shapes the last warm-up ran (and captured, with graphs)
+        self._graph_pool: Any = None
+        self._capture_stream: Any = None
 
     # -- load ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -199,6 +253,10 @@ class HFTextModel:
             self._labels = {int(k): v for k, v in (mcfg.id2label or {}).items()}
         self._torch = torch
         self._model = model
+        # The device as loaded decides the default shapes: an exported runtime that moves to
+        # CUDA afterwards (ONNX Runtime) keeps exact shapes unless the keys say otherwise.
+        self._ladder_device = self.device
+        self.ladder = self.build_ladder()
         self.info = ModelInfo(
             name=cfg.name,
             version=cfg.version,
@@ -213,56 +271,115 @@ class HFTextModel:
         encs = self._backend.encode_batch(texts)
         return [Encoded(e.ids, bool(e.overflowing)) for e in encs]
 
-    def pad(self, batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Pad rows into preallocated buffers (pinned on CUDA): no allocation per batch.
+    def build_ladder(self, max_batch_size: int | None = None) -> ShapeLadder:
+        """The shapes batches are padded to, from the keys or the device's defaults.
 
-        The buffers grow to the largest batch seen; each batch gets a contiguous
-        ``(rows, longest row)`` view of them, valid until the next call (forward is
-        synchronous, so the device copy is done by then).
+        Default row buckets need the batch size, which only warm-up is told; until then a
+        CUDA model pads widths only.
         """
-        n, width = len(batch), max(len(ids) for ids in batch)
-        size = n * width
+        cfg = self.cfg
+        cuda = self._ladder_device == "cuda"
+        multiple = cfg.width_multiple or (CUDA_WIDTH_MULTIPLE if cuda else 1)
+        if cfg.row_buckets is not None:
+            buckets = tuple(cfg.row_buckets)
+        elif cuda and max_batch_size:
+            buckets = default_row_buckets(max_batch_size)
+        else:
+            buckets = ()
+        return ShapeLadder(self.max_length, multiple, buckets)
+
+    def _host_views(self, rows: int, width: int) -> tuple[Any, Any]:
+        """``(rows, width)`` views of the preallocated int64 buffers, grown when too small."""
+        size = rows * width
         if self._buffers is None or self._buffers[0].numel() < size:
             torch = self._torch
             capacity = max(size, 2 * self._buffers[0].numel() if self._buffers else 0)
-            pin = self.device == "cuda"
+            pin = self.device == "cuda" and torch.cuda.is_available()
             self._buffers = tuple(  # type: ignore[assignment]
                 torch.empty(capacity, dtype=torch.int64, pin_memory=pin) for _ in range(2)
             )
         assert self._buffers is not None
-        ids_t, mask_t = (b[:size].view(n, width) for b in self._buffers)
+        ids_t, mask_t = (b[:size].view(rows, width) for b in self._buffers)
+        return ids_t, mask_t
+
+    def pad(self, batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Pad rows into preallocated buffers (pinned on CUDA): no allocation per batch.
+
+        The batch is padded to its ladder shape ``(R, W) >= (rows, longest row)``; rows past
+        ``len(batch)`` are dummies that attend to one pad token (no row is fully masked). The
+        buffers grow to the largest batch seen; each batch gets a contiguous ``(R, W)`` view of
+        them, valid until the next call (forward is synchronous, so the device copy is done by
+        then). Vectorised: a Python loop per row cost more than the copy itself.
+        """
+        if not batch:
+            raise ValueError("cannot pad an empty batch")
+        n = len(batch)
+        lengths = np.fromiter(map(len, batch), dtype=np.int64, count=n)
+        rows, width = self.ladder.padded_shape(n, int(lengths.max()))
+        ids_t, mask_t = self._host_views(rows, width)
         ids, mask = ids_t.numpy(), mask_t.numpy()
+        valid = np.arange(width) < lengths[:, None]
+        flat = np.fromiter(
+            itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum())
+        )
         ids.fill(self._pad_id)
-        mask.fill(0)
-        for i, row in enumerate(batch):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
+        ids[:n][valid] = flat  # row-major: row i's tokens fill its first len(row i) slots
+        mask[:n] = valid
+        if rows > n:
+            mask[n:] = 0
+            mask[n:, 0] = 1
         self._views = (ids_t, mask_t)
         return ids, mask
 
-    def forward(self, batch: list[list[int]]) -> Any:
+    def _compute(self, input_ids: Any, attention: Any) -> Any:
+        """Model + pooling/normalisation (or softmax) on device tensors: float32, a row each.
+
+        Nothing in here waits for the device, so the same code is captured into CUDA graphs.
+        """
         torch = self._torch
-        self.pad(batch)
-        ids_t, mask_t = self._views
-        input_ids = ids_t.to(self.device, non_blocking=True)
-        attention = mask_t.to(self.device, non_blocking=True)
         kwargs = {"input_ids": input_ids, "attention_mask": attention}
         if self._accepts_token_type_ids:
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        out = self._model(**kwargs)
+        if self.cfg.task == "text-classification":
+            return torch.softmax(out.logits.float(), dim=-1)
+        hidden = out.last_hidden_state
+        if self.cfg.pooling == "cls":
+            pooled = hidden[:, 0].float()
+        else:
+            m = attention.unsqueeze(-1).to(hidden.dtype)
+            pooled = ((hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).float()
+        if self.cfg.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled
+
+    def _eager(self, ids_t: Any, mask_t: Any, n: int) -> np.ndarray:
+        """The plain forward of padded host tensors: the first ``n`` rows, float32."""
+        torch = self._torch
         with torch.inference_mode():
-            out = self._model(**kwargs)
-            if self.cfg.task == "text-classification":
-                probs = torch.softmax(out.logits.float(), dim=-1)
-                return probs.cpu().numpy()
-            hidden = out.last_hidden_state
-            if self.cfg.pooling == "cls":
-                pooled = hidden[:, 0].float()
-            else:
-                m = attention.unsqueeze(-1).to(hidden.dtype)
-                pooled = ((hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).float()
-            if self.cfg.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            return pooled.cpu().numpy()
+            input_ids = ids_t.to(self.device, non_blocking=True)
+            attention = mask_t.to(self.device, non_blocking=True)
+            return self._compute(input_ids, attention)[:n].cpu().numpy()
+
+    def forward(self, batch: list[list[int]]) -> Any:
+        """Float32 outputs, exactly ``len(batch)`` rows (dummy rows dropped)."""
+        n = len(batch)
+        self.pad(batch)
+        ids_t, mask_t = self._views
+        if self.graphs is not None:
+            with self._torch.inference_mode():
+                return self.graphs.run(ids_t, mask_t, n)
+        return self._eager(ids_t, mask_t, n)
+
+    @property
+    def graph_replays(self) -> int:
+        """Batches served by a CUDA graph replay since warm-up."""
+        return self.graphs.replays if self.graphs is not None else 0
+
+    @property
+    def eager_fallbacks(self) -> int:
+        """Batches run eagerly although graphs are on (a shape outside the warmed ladder)."""
+        return self.graphs.fallbacks if self.graphs is not None else 0
 
     def postprocess(self, outputs: Any, n: int) -> list[dict[str, Any]]:
         arr = np.asarray(outputs, dtype=np.float32)
@@ -282,23 +399,116 @@ class HFTextModel:
             return results
         return [{"embedding": arr[i]} for i in range(n)]
 
+    def uses_cuda_graphs(self) -> bool:
+        """Graphs need CUDA and the torch model itself (not an exported runtime)."""
+        return self.cfg.cuda_graphs and self.device == "cuda" and self._model is not None
+
     def warmup(self, max_batch_size: int, max_batch_tokens: int) -> float:
         """Run representative shapes once so the first real batch pays no one-time cost.
 
-        On CUDA the largest batch the token budget allows is run, so the caching allocator
-        and kernel selection are settled before the first real batch. On CPU that costs
-        seconds and buys nothing (measured: the first 64x128 batch takes as long after it as
-        without it), so one small batch pays the one-time initialisation instead.
+        On CUDA (torch) every ladder shape that a batch within ``max_batch_size`` and
+        ``max_batch_tokens`` can pad to is run, and captured as a CUDA graph when graphs are
+        on, so no real batch meets a new shape. On CPU that costs seconds and buys nothing
+        (measured: the first 64x128 batch takes as long after it as without it), so one small
+        batch pays the one-time initialisation instead.
         """
         t = time.perf_counter()
-        filler = self._pad_id + 1
-        small = min(self.max_length, 32)
-        rows = min(8, max_batch_size)
-        self.postprocess(self.forward([[filler] * small] * rows), rows)
-        if self.device != "cpu":
-            width = min(self.max_length, max(2, max_batch_tokens))
-            rows = max(1, min(max_batch_size, max_batch_tokens // width))
-            self.postprocess(self.forward([[filler] * width] * rows), rows)
-            self._torch.cuda.synchronize()
+        if self.device == "cuda" and self._model is not None:
+            self._warm_ladder(max_batch_size, max_batch_tokens, t)
+        else:
+            filler = self._pad_id + 1
+            small = min(self.max_length, 32)
+            rows = min(8, max_batch_size)
+            self.postprocess(self.forward([[filler] * small] * rows), rows)
+            self.warm_shapes = 1
+            if self.device != "cpu":  # an exported runtime on CUDA (ONNX Runtime)
+                width = min(self.max_length, max(2, max_batch_tokens))
+                rows = max(1, min(max_batch_size, max_batch_tokens // width))
+                self.postprocess(self.forward([[filler] * width] * rows), rows)
+                self._torch.cuda.synchronize()
+                self.warm_shapes = 2
         self.timings.phases["warmup"] = time.perf_counter() - t
         return self.timings.phases["warmup"]
+
+    def _warm_ladder(self, max_batch_size: int, max_batch_tokens: int, started: float) -> None:
+        torch = self._torch
+        self.graphs = None  # a second warm-up captures afresh
+        self.ladder = self.build_ladder(max_batch_size)
+        shapes = self.ladder.ladder_shapes(max_batch_size, max_batch_tokens)
+        # Largest first: the graphs share one memory pool, which the smaller ones then reuse.
+        shapes.sort(key=lambda s: (s[0] * s[1], s), reverse=True)
+        self._host_views(*shapes[0])  # grow the pinned buffers once, before serving
+        failed = 0
+        if self.uses_cuda_graphs():
+            self._graph_pool = torch.cuda.graph_pool_handle()
+            self._capture_stream = torch.cuda.Stream()
+            runner = GraphRunner(self._capture_graph, self._eager, name=self.cfg.ref)
+            runner.prepare_all(shapes)
+            failed = len(runner.failed)
+            self.graphs = runner
+        else:
+            for rows, width in shapes:
+                ids, mask = self._sample(rows, width, seed=0)
+                self._eager(torch.from_numpy(ids), torch.from_numpy(mask), rows)
+        torch.cuda.synchronize()
+        self.warm_shapes = len(shapes)
+        log.info(
+            "model %s: warmed %d shapes (rows %s, widths %s) in %.1fs; CUDA graphs: %s",
+            self.cfg.ref,
+            len(shapes),
+            sorted({r for r, _ in shapes}),
+            sorted({w for _, w in shapes}),
+            time.perf_counter() - started,
+            f"{len(shapes) - failed} captured, {failed} eager" if self.graphs else "off",
+        )
+
+    def _sample(self, rows: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ragged inputs of one shape: seed 0 has no full row, others full and 1-token rows.
+
+        Ragged on purpose: transformers drops an all-ones mask (and picks another kernel), so
+        warm-up and capture see the masked path; the check after capture uses other lengths.
+        """
+        rng = np.random.default_rng(seed)
+        vocab = int(getattr(self._model.config, "vocab_size", 0) or self._pad_id + 2)
+        if seed == 0:
+            lengths = np.linspace(max(1, width - 1), 1, rows).round().astype(np.int64)
+        else:
+            lengths = rng.integers(1, width + 1, size=rows)
+            lengths[0] = width
+            lengths[-1] = 1 if rows > 1 else width
+        mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
+        ids = np.where(mask == 1, rng.integers(0, vocab, size=(rows, width)), self._pad_id)
+        return ids.astype(np.int64), mask
+
+    def _capture_graph(self, shape: Shape) -> CudaGraph:
+        """Warm ``shape`` eagerly on the capture stream, capture it, check it against eager."""
+        torch = self._torch
+        rows, width = shape
+        ids, mask = self._sample(rows, width, seed=0)
+        check_ids, check_mask = self._sample(rows, width, seed=1)
+        stream = self._capture_stream
+        with torch.inference_mode():
+            static_ids = torch.from_numpy(ids).to(self.device)
+            static_mask = torch.from_numpy(mask).to(self.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(GRAPH_WARM_RUNS):
+                    self._compute(static_ids, static_mask)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a model serving on another thread (during a reload) may allocate.
+            with torch.cuda.graph(
+                graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"
+            ):
+                out = self._compute(static_ids, static_mask)
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            runner = CudaGraph(torch, graph, static_ids, static_mask, out, host)
+            # Other inputs than the captured ones: a graph that baked its inputs in shows here.
+            got = runner(torch.from_numpy(check_ids), torch.from_numpy(check_mask), rows)
+        want = self._eager(torch.from_numpy(check_ids), torch.from_numpy(check_mask), rows)
+        worst = min_cosine(got, want)
+        if not worst >= GRAPH_MIN_COSINE:  # NaN fails too
+            raise GraphMismatchError(
+                f"replay agrees with eager at cosine {worst:.6f} < {GRAPH_MIN_COSINE}"
+            )
+        return runner
