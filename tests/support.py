@@ -232,18 +232,18 @@ class RunningService:
         await self.stop()
 
     async def wait_done(self, n: int, timeout_s: float = 60.0) -> None:
-        """Until ``n`` outputs (results + dead letters) were acknowledged by the broker."""
-        stats = self.service.telemetry.stats
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while stats.published + stats.dead_lettered < n:
-            if loop.time() > deadline:
-                raise TimeoutError(
-                    f"only {stats.published} results + {stats.dead_lettered} DLQ of {n}"
-                )
-            if self._task is not None and self._task.done():
-                raise RuntimeError(f"service stopped early: {self._task.result()}")
-            await asyncio.sleep(0.05)
+        """Until ``n`` outputs (results + dead letters) were acknowledged by the broker.
+
+        Raises at once if the service stopped first (it races the service's task), and
+        ``TimeoutError`` after ``timeout_s``.
+        """
+        from streamer.tools.devtools import until_outputs
+
+        telemetry = self.service.telemetry
+        if self._task is None:
+            await telemetry.wait_outputs(n, timeout_s)
+        else:
+            await until_outputs(telemetry, self._task, n, timeout_s)
 
 
 class TcpProxy:

@@ -12,10 +12,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from streamer.kafka.broker import EmbeddedBroker, create_topics, free_port
 from streamer.config import load_config
-from streamer.tools.devtools import bundled_model_path, produce_texts, sample_texts
+from streamer.kafka.broker import EmbeddedBroker, create_topics, free_port
 from streamer.observability.logs import setup_logging
+from streamer.tools.devtools import (
+    StoppedEarly,
+    bundled_model_path,
+    produce_texts,
+    run_until_outputs,
+    sample_texts,
+)
+
+MODEL_NAME = "all-MiniLM-L6-v2"
 
 
 def run_demo(records: int, model_path: Path | None, batch_size: int) -> int:
@@ -53,19 +61,18 @@ async def _demo(console: Console, bootstrap: str, n: int, path: Path, batch_size
             "request_timeout_ms": 10000,
             "fetch_max_wait_ms": 20,
         },
-        model={"name": "all-MiniLM-L6-v2", "version": "1", "path": str(path), "max_length": 128},
+        model={"name": MODEL_NAME, "version": "1", "path": str(path), "max_length": 128},
         batching={"max_batch_size": batch_size},
         http={"port": free_port(), "host": "127.0.0.1"},
     )
     service = Service(cfg)
-    with console.status("loading all-MiniLM-L6-v2 and warming up…"):
+    with console.status(f"loading {MODEL_NAME} and warming up…"):
         t = time.perf_counter()
         await service.start()
         load_s = time.perf_counter() - t
     console.print(f"[bold]model[/] loaded and warm in {load_s:.2f}s; consumer joined")
     console.print(f"[bold]probes[/] http://127.0.0.1:{cfg.http.port}/metrics  /healthz  /readyz")
 
-    done = asyncio.Event()
     progress = Progress(
         TextColumn("[bold]inferring"),
         BarColumn(),
@@ -74,42 +81,38 @@ async def _demo(console: Console, bootstrap: str, n: int, path: Path, batch_size
         TimeElapsedColumn(),
         console=console,
     )
-    stats = service.telemetry.stats
+    telemetry = service.telemetry
 
-    def on_done(*_: object) -> None:
-        total = stats.published + stats.dead_lettered
-        progress.update(task, completed=total, rate=f"{stats.throughput():6.0f} rec/s")
-        if total >= n:
-            done.set()
+    def advance(k: int) -> None:
+        progress.update(task, advance=k, rate=f"{telemetry.throughput():6.0f} rec/s")
 
     with progress:
         task = progress.add_task("infer", total=n, rate="")
-        service.telemetry.subscribe_done(on_done)
-        runner = asyncio.ensure_future(service.run())
-        waiter = asyncio.ensure_future(done.wait())
-        await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        service.request_stop()
-        waiter.cancel()
-        code = await runner
+        telemetry.subscribe(advance)
+        try:
+            code = await run_until_outputs(service, n)
+        except StoppedEarly as exc:
+            console.print(f"[red]the pipeline failed: {exc}; see the log above[/]")
+            return exc.exit_code or 1
     if code != 0:
-        console.print("[red]the pipeline failed; see the log above[/]")
+        console.print(f"[red]the pipeline exited with {code}; see the log above[/]")
         return code
 
     sample = await _first_result(bootstrap, "texts.embeddings")
+    published, dead = telemetry.outputs()
     table = Table(title="streamer demo", show_header=False)
-    table.add_row("records", f"{stats.published} results, {stats.dead_lettered} dead letters")
-    table.add_row("throughput", f"{stats.throughput():.1f} records/s")
-    p50, p99 = stats.percentile(50), stats.percentile(99)
-    table.add_row(
-        "latency fetch→ack",
-        f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (the whole backlog was queued at once)",
-    )
-    if stats.batches:
+    table.add_row("records", f"{published} results, {dead} dead letters")
+    table.add_row("throughput", f"{telemetry.throughput():.1f} records/s")
+    p50, p99 = telemetry.latencies.percentile(50), telemetry.latencies.percentile(99)
+    if p50 is not None and p99 is not None:
         table.add_row(
-            "batches",
-            f"{stats.batches}, mean {stats.batch_rows / stats.batches:.1f} rows, "
-            f"padding {1 - stats.batch_tokens / max(1, stats.padded_tokens):.0%}",
+            "latency fetch→ack",
+            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+            "(the whole backlog was queued at once)",
         )
+    rows, padding = telemetry.batch_means(MODEL_NAME)
+    if rows:
+        table.add_row("batches", f"mean {rows:.1f} rows, padding {padding:.0%}")
     if sample is not None:
         emb = sample["result"]["embedding"]
         table.add_row("sample id", str(sample["id"]))
