@@ -263,6 +263,19 @@ class Publisher:
 
     async def _submit(self, out: OutBatch) -> None:
         producer = self.producer
+        if len(out) == 1:
+            # aiokafka's batch builder takes a first record of any size and send_batch() does
+            # not check it (send() would): refuse it here, as send() does, to hand it back.
+            size = record_size(out.keys[0], out.values[0], out.headers[0])
+            if size > self._cfg.max_request_size:
+                self._reject(
+                    out,
+                    MessageSizeTooLargeError(
+                        f"record of {size} bytes is over kafka.max_request_size="
+                        f"{self._cfg.max_request_size}"
+                    ),
+                )
+                return
         builder, out.builder = out.builder, None
         if builder is None:
             builder = out.build(self.builder_factory())

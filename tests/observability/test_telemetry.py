@@ -1,0 +1,163 @@
+"""Telemetry: batch histogram observes, the latency ring, waiting for acknowledged outputs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from streamer.observability.metrics import LATENCY_BUCKETS
+from streamer.observability.telemetry import LatencySample, Telemetry, observe_many, percentile
+
+
+def samples(hist: Histogram) -> dict[tuple[str, tuple], float]:
+    """A histogram's samples by (name, labels), without the creation timestamps."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in hist.collect()
+        for s in metric.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def pair(labels: tuple[str, ...] = ()) -> tuple[Histogram, Histogram]:
+    def make() -> Histogram:
+        return Histogram(
+            "h_seconds", "test", list(labels), buckets=LATENCY_BUCKETS, registry=CollectorRegistry()
+        )
+
+    return make(), make()
+
+
+EDGES = np.array([0.005, 0.01, 0.1, 1.0, 300.0])  # exactly on bucket bounds: counted in them
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        EDGES,
+        np.array([0.0, -1.0, 0.0049, 0.0051, 299.9, 300.1, 1e9]),  # below, between, past +Inf
+        np.arange(0, 2000, dtype=np.float64) / 512,  # exact binary fractions: exact sums
+        np.array([0.25]),
+    ],
+)
+def test_observe_many_is_observe_per_value(values: np.ndarray) -> None:
+    one_by_one, batched = pair()
+    for v in values:
+        one_by_one.observe(float(v))
+    observe_many(batched, values)
+    assert samples(batched) == samples(one_by_one)
+
+
+def test_observe_many_random_values_and_labelled_children() -> None:
+    rng = np.random.default_rng(3)
+    one_by_one, batched = pair(("model",))
+    for model in ("a", "b"):
+        values = rng.exponential(0.5, size=1000)
+        for v in values:
+            one_by_one.labels(model).observe(float(v))
+        observe_many(batched.labels(model), values[:400])
+        observe_many(batched.labels(model), values[400:])
+    got, want = samples(batched), samples(one_by_one)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if key[0].endswith("_sum"):  # numpy sums in another order than one by one
+            assert got[key] == pytest.approx(value, rel=1e-12)
+        else:
+            assert got[key] == value, key
+
+
+def test_observe_many_of_nothing_changes_nothing() -> None:
+    one_by_one, batched = pair()
+    observe_many(batched, np.array([]))
+    assert samples(batched) == samples(one_by_one)
+
+
+def test_latency_sample_ring_wraps() -> None:
+    ring = LatencySample(size=5)
+    assert len(ring.values()) == 0 and ring.percentile(50) is None
+    ring.add(np.array([1.0, 2.0, 3.0]))
+    assert sorted(ring.values()) == [1.0, 2.0, 3.0]
+    ring.add(np.array([4.0, 5.0, 6.0, 7.0]))  # wraps: the oldest two are overwritten
+    assert sorted(ring.values()) == [3.0, 4.0, 5.0, 6.0, 7.0]
+    ring.add(np.array([8.0, 9.0, 10.0, 11.0, 12.0]))  # exactly the ring size, from mid-ring
+    assert sorted(ring.values()) == [8.0, 9.0, 10.0, 11.0, 12.0]
+    ring.add(np.arange(20.0, 32.0))  # more than the ring: only the newest are kept
+    assert sorted(ring.values()) == [27.0, 28.0, 29.0, 30.0, 31.0]
+    ring.add(np.array([]))
+    assert sorted(ring.values()) == [27.0, 28.0, 29.0, 30.0, 31.0]
+    assert ring.percentile(0) == 27.0 and ring.percentile(100) == 31.0
+    assert ring.percentile(50) == 29.0
+
+
+def test_latency_sample_matches_the_newest_values_over_many_adds() -> None:
+    rng = np.random.default_rng(0)
+    ring, everything = LatencySample(size=64), []
+    for _ in range(50):
+        values = rng.random(int(rng.integers(0, 40)))
+        ring.add(values)
+        everything.extend(values.tolist())
+        assert sorted(ring.values()) == sorted(everything[-64:])
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+def ack(t: Telemetry, results: int = 0, dead: int = 0) -> None:
+    n = results + dead
+    t.acknowledged(
+        {("in", "m"): results} if results else {},
+        {("in", "InvalidJson"): dead} if dead else {},
+        np.full(n, 0.5),
+        np.full(n, 1.0),
+    )
+
+
+async def test_wait_outputs_wakes_on_acknowledged() -> None:
+    t = Telemetry()
+    progress: list[int] = []
+    t.subscribe(progress.append)
+    waiter = asyncio.ensure_future(t.wait_outputs(5))
+    await asyncio.sleep(0)
+    ack(t, results=3)
+    await asyncio.sleep(0)
+    assert not waiter.done()  # 3 of 5
+    ack(t, dead=2)
+    await asyncio.wait_for(waiter, 5)
+    assert t.outputs() == (3, 2)
+    assert progress == [3, 2]
+    assert sorted(t.latencies.values()) == [0.5] * 5
+    await t.wait_outputs(5, timeout_s=0)  # already there: returns at once
+
+
+async def test_wait_outputs_times_out_with_a_clear_message() -> None:
+    t = Telemetry()
+    ack(t, results=2)
+    ack(t, dead=1)
+    with pytest.raises(TimeoutError, match=r"only 2 results \+ 1 dead letters of 10"):
+        await t.wait_outputs(10, timeout_s=0)
+    with pytest.raises(TimeoutError, match=r"only 2 results \+ 1 dead letters of 10"):
+        await t.wait_outputs(10, timeout_s=0.01)  # waits, nothing comes, gives up
+
+
+def test_acknowledged_counts_by_label() -> None:
+    t = Telemetry()
+    t.acknowledged(
+        {("in", "m"): 2, ("in2", "m"): 1},
+        {},
+        np.array([0.1, 0.2, 0.3]),
+        np.array([1.0, 2.0, 3.0]),
+    )
+    t.acknowledged({}, {("in", "ResultTooLarge"): 1}, np.array([0.4]), np.array([4.0]))
+    assert t.outputs() == (3, 1)
+    assert t.metrics.published.labels("in2", "m")._value.get() == 1
+    assert t.metrics.dead_lettered.labels("in", "ResultTooLarge")._value.get() == 1
+    e2e = samples(t.metrics.end_to_end)
+    count = next(v for (name, _), v in e2e.items() if name.endswith("_count"))
+    total = next(v for (name, _), v in e2e.items() if name.endswith("_sum"))
+    assert (count, total) == (4, 10.0)
