@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,17 @@ WORDS = (
     "answered emails which made whole happy so we rolled back deployment poison"
 ).split()
 POISON_WORD = "poison"
+
+
+@dataclass
+class Msg:
+    """Stands in for an aiokafka ConsumerRecord in unit tests: what a Chunk's messages offer."""
+
+    offset: int
+    key: bytes | None = None
+    value: bytes | None = b"v"
+    headers: tuple = ()
+    timestamp: int = 0
 
 
 def build_tiny_model(

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
 
 import pytest
+from support import Msg
 
 from streamer.kafka.checkpoint import OffsetTracker
 from streamer.stream.records import Chunk, TopicPartition
 
 TP = TopicPartition("t", 0)
 TP1 = TopicPartition("t", 1)
-
-
-@dataclass
-class Msg:
-    offset: int
-    key: bytes | None = None
-    value: bytes | None = b"v"
-    headers: tuple = ()
-    timestamp: int = 0
 
 
 def msgs(*offsets: int) -> list[Msg]:

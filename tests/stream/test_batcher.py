@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from support import Msg
 
 from streamer.stream.batcher import Batcher, BatcherClosed, Rows, window
 from streamer.stream.records import Chunk, TopicPartition
 
 HOUR_MS = 3_600_000.0
-
-
-@dataclass
-class Msg:
-    offset: int
-    key: bytes | None = None
-    value: bytes | None = b"v"
-    headers: tuple = ()
-    timestamp: int = 0
 
 
 class Model:
