@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,16 @@ from support import build_tiny_model
 from streamer.kafka.broker import EmbeddedBroker
 
 _topic_ids = itertools.count()
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The command sets up logging for a terminal; give the test session its own back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

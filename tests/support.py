@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,6 +258,24 @@ class RunningService:
             await telemetry.wait_outputs(n, timeout_s)
         else:
             await until_outputs(telemetry, self._task, n, timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def proxied_broker() -> AsyncIterator[tuple[str, TcpProxy]]:
+    """A broker of its own behind a :class:`TcpProxy` (clients only ever see the proxy):
+    yields its bootstrap address and the proxy, to cut and restore connections."""
+    from streamer.kafka.broker import EmbeddedBroker, free_port
+
+    proxy_port = free_port()
+    own = EmbeddedBroker(advertised_port=proxy_port)
+    own.start()
+    proxy = TcpProxy(proxy_port, own.port)
+    await proxy.start()
+    try:
+        yield own.bootstrap, proxy
+    finally:
+        await proxy.cut()
+        own.stop()
 
 
 class TcpProxy:

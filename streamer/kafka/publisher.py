@@ -228,9 +228,7 @@ class Publisher:
         """Whether stage threads may serialise record batches (see :meth:`OutBatch.build`)."""
         return not self._cfg.enable_idempotence
 
-    async def partitions(
-        self, topic: str, *, retry_with: list[OutBatch] | None = None
-    ) -> Partitions:
+    async def partitions(self, topic: str) -> Partitions:
         """The topic's partitions, waiting for metadata (backing off while Kafka is away)."""
         producer = self.producer
         cluster = producer.client.cluster
@@ -312,7 +310,7 @@ class Publisher:
     def _delivered(self, out: OutBatch, fut: asyncio.Future) -> None:
         exc = _outcome(fut)
         if exc is None:
-            self._done(out, self._on_acked, out)
+            self._done(out, self._on_acked)
         elif _retriable(exc):
             self._watch(self._retry(out, exc))
         elif isinstance(exc, TOO_LARGE):
@@ -340,7 +338,7 @@ class Publisher:
         self._reject(out, exc)
 
     def _reject(self, out: OutBatch, exc: BaseException) -> None:
-        self._done(out, lambda o: self._on_rejected(o, exc), out)
+        self._done(out, lambda o: self._on_rejected(o, exc))
 
     async def _retry(self, out: OutBatch, exc: BaseException) -> None:
         out.attempt += 1
@@ -349,11 +347,11 @@ class Publisher:
 
     def _fatal(self, out: OutBatch, exc: BaseException) -> None:
         log.error("publish to %s failed for good: %s: %s", out.topic, type(exc).__name__, exc)
-        self._done(out, lambda _o: self._on_fatal(exc), out)
+        self._done(out, lambda _o: self._on_fatal(exc))
 
-    def _done(self, out: OutBatch, fn: Callable[[OutBatch], None], arg: OutBatch) -> None:
+    def _done(self, out: OutBatch, fn: Callable[[OutBatch], None]) -> None:
         try:
-            fn(arg)
+            fn(out)
         except Exception as cb_exc:  # a failing callback must not vanish
             self._on_fatal(cb_exc)
         finally:  # after the callbacks, which may send more (a DLQ copy)

@@ -253,12 +253,21 @@ def result_headers(trace: tuple[bytes | None, bytes | None] | None) -> Headers:
     if trace is None:
         return []
     parent, state = trace
-    child = child_traceparent(parent.decode("latin-1")) if parent else None
-    if child is None:
+    return context_headers(child_traceparent(parent.decode("latin-1")) if parent else None, state)
+
+
+def context_headers(traceparent: str | None, tracestate: str | bytes | None) -> Headers:
+    """The ``traceparent`` (and ``tracestate``, when there is a traceparent) headers."""
+    if not traceparent:
         return []
-    out: Headers = [(TRACEPARENT, child.encode("ascii"))]
-    if state:
-        out.append((TRACESTATE, state))
+    out: Headers = [(TRACEPARENT, traceparent.encode("ascii"))]
+    if tracestate:
+        out.append(
+            (
+                TRACESTATE,
+                tracestate if isinstance(tracestate, bytes) else tracestate.encode("ascii"),
+            )
+        )
     return out
 
 

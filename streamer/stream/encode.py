@@ -16,8 +16,7 @@ from streamer.models.worker import Inferred
 from streamer.observability.tracing import Tracing
 from streamer.stream.batcher import Rows
 from streamer.stream.codec import (
-    TRACEPARENT,
-    TRACESTATE,
+    context_headers,
     model_fragment,
     result_fragments,
     result_headers,
@@ -84,13 +83,7 @@ class Encoder:
         if span is None:
             return result_headers(context)
         out.spans.append(span)  # ended with the batch's acknowledgement
-        parent, state = self._tracing.inject(span)
-        headers = []
-        if parent:
-            headers.append((TRACEPARENT, parent.encode("ascii")))
-            if state:
-                headers.append((TRACESTATE, state.encode("ascii")))
-        return headers
+        return context_headers(*self._tracing.inject(span))
 
 
 def _labels(model: Any) -> dict[int, str]:

@@ -336,17 +336,9 @@ async def test_a_failing_callback_reaches_on_fatal(broker: str, topic: str) -> N
 
 async def test_an_outage_is_retried_and_every_record_delivered_once() -> None:
     """Cut every connection (a TCP proxy in front of a broker of its own), send, restore."""
-    from support import TcpProxy
+    from support import proxied_broker
 
-    from streamer.kafka.broker import EmbeddedBroker, free_port
-
-    proxy_port = free_port()
-    own = EmbeddedBroker(advertised_port=proxy_port)
-    own.start()
-    proxy = TcpProxy(proxy_port, own.port)
-    await proxy.start()
-    bootstrap = own.bootstrap  # clients only ever see the proxy
-    try:
+    async with proxied_broker() as (bootstrap, proxy):
         await create_topics(bootstrap, {"outage": 1})
         reports = Reports()
         pub = await started(
@@ -382,6 +374,3 @@ async def test_an_outage_is_retried_and_every_record_delivered_once() -> None:
         assert reports.delivered() == Counter((0, i) for i in range(5))
         got = await read_topic(bootstrap, "outage", expect=5)
         assert [m.value for m in sorted(got, key=lambda m: m.offset)] == values
-    finally:
-        await proxy.cut()
-        own.stop()

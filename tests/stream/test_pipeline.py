@@ -295,17 +295,9 @@ async def test_broker_outage_is_retried_and_nothing_is_committed_ahead(
     tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Cut every connection mid-stream with a TCP proxy, restore it, and lose nothing."""
-    from support import TcpProxy
+    from support import proxied_broker
 
-    from streamer.kafka.broker import EmbeddedBroker, free_port
-
-    proxy_port = free_port()
-    own = EmbeddedBroker(advertised_port=proxy_port)
-    own.start()
-    proxy = TcpProxy(proxy_port, own.port)
-    await proxy.start()
-    bootstrap = own.bootstrap  # clients only ever see the proxy
-    try:
+    async with proxied_broker() as (bootstrap, proxy):
         topic = "outage"
         await create_topics(bootstrap, {topic: 2})
         n = 3000
@@ -353,9 +345,6 @@ async def test_broker_outage_is_retried_and_nothing_is_committed_ahead(
             or "failed" in r.getMessage()
             for r in caplog.records
         )
-    finally:
-        await proxy.cut()
-        own.stop()
 
 
 class SmallMemoryModel(HFTextModel):

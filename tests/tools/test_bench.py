@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +22,6 @@ from streamer.observability.telemetry import Telemetry
 from streamer.tools.bench import _markdown, _rows, _sections, _targets, _variants, passthrough
 from streamer.tools.devtools import StoppedEarly, produce_texts, sample_texts, until_outputs
 from streamer.tools.nullmodel import NULL_DIM, NULL_FINGERPRINT, NullModel
-
-
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    """The command sets up logging for a terminal; give the test session its own back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 # -- the zero-cost model ----------------------------------------------------------------------

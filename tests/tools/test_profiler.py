@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +15,6 @@ from streamer.models.hf import Encoded
 from streamer.tools.profiler import MemoryMeter, ProfileRow, recommend, sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    """The command sets up logging for a terminal; give the test session its own back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.usefixtures("root_logging")
