@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from prometheus_client import Counter as PromCounter
@@ -91,7 +92,9 @@ class Telemetry:
         self._loop_cpu_at_first_fetch = 0.0
         self._loop_cpu_at_last_ack = 0.0
         self._on_outputs: list[Callable[[int], None]] = []
-        self._changed: asyncio.Event | None = None
+        self._acked = 0  # outputs acknowledged (the counters' total, without collecting them)
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._kids: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     # -- what observers read ----------------------------------------------------------------
     def outputs(self) -> tuple[int, int]:
@@ -104,21 +107,22 @@ class Telemetry:
         self._on_outputs.append(fn)
 
     async def wait_outputs(self, n: int, timeout_s: float | None = None) -> None:
-        """Until ``n`` outputs (results + dead letters) are acknowledged; TimeoutError after."""
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while sum(self.outputs()) < n:
-            self._changed.clear()
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                published, dead = self.outputs()
-                raise TimeoutError(f"only {published} results + {dead} dead letters of {n}")
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except TimeoutError:
-                continue
+        """Until ``n`` outputs (results + dead letters) are acknowledged; TimeoutError after.
+
+        Woken once, when the count reaches ``n``, not on every acknowledged batch.
+        """
+        if self._acked >= n:
+            return
+        reached = asyncio.get_running_loop().create_future()
+        waiter = (n, reached)
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(reached, timeout_s)
+        except TimeoutError:
+            published, dead = self.outputs()
+            raise TimeoutError(f"only {published} results + {dead} dead letters of {n}") from None
+        finally:
+            self._waiters.remove(waiter)
 
     def throughput(self) -> float:
         """Outputs per second from the first fetch to the last acknowledgement."""
@@ -154,6 +158,15 @@ class Telemetry:
         return (rows / batches if batches else 0.0), (pad / batches if batches else 0.0)
 
     # -- what stages report (on the event loop, once per batch) -------------------------------
+    def _kid(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: label values (models, topics, reasons) are
+        few, and ``labels()`` validates and locks on every call."""
+        key = (id(metric), labels)
+        kid = self._kids.get(key)
+        if kid is None:
+            kid = self._kids[key] = metric.labels(*labels)
+        return kid
+
     def model_loaded(self, info: ModelInfo, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
             self.metrics.model_load.labels(f"{info.name}@{info.version}", phase).set(seconds)
@@ -170,13 +183,14 @@ class Telemetry:
 
     def batch(self, rows: int, tokens: int, padded: int, model: str, waits: np.ndarray) -> None:
         m = self.metrics
-        m.batch_size.labels(model).observe(rows)
-        m.batch_tokens.labels(model).observe(padded)
-        m.padding_ratio.labels(model).observe(1 - tokens / padded if padded else 0.0)
+        kid = self._kid
+        kid(m.batch_size, model).observe(rows)
+        kid(m.batch_tokens, model).observe(padded)
+        kid(m.padding_ratio, model).observe(1 - tokens / padded if padded else 0.0)
         observe_many(m.batch_wait, waits)
 
     def inferred(self, seconds: float, model: str) -> None:
-        self.metrics.inference.labels(model).observe(seconds)
+        self._kid(self.metrics.inference, model).observe(seconds)
 
     def out_of_memory(self, budget: int | None, restored: int | None = None) -> None:
         """An OOM lowered the token budget to ``budget`` (or it was ``restored``)."""
@@ -198,15 +212,17 @@ class Telemetry:
         fetch→ack latency and the record-timestamp→ack latency of each of its records."""
         m = self.metrics
         for (topic, model), n in published.items():
-            m.published.labels(topic, model).inc(n)
+            self._kid(m.published, topic, model).inc(n)
         for (topic, reason), n in dead_lettered.items():
-            m.dead_lettered.labels(topic, reason).inc(n)
+            self._kid(m.dead_lettered, topic, reason).inc(n)
         observe_many(m.end_to_end, end_to_end)
         self.latencies.add(fetch_latencies)
         self.last_ack_at = time.monotonic()
         self._loop_cpu_at_last_ack = time.thread_time()
         n = len(fetch_latencies)
+        self._acked += n
         for fn in self._on_outputs:
             fn(n)
-        if self._changed is not None:
-            self._changed.set()
+        for want, reached in self._waiters:
+            if self._acked >= want and not reached.done():
+                reached.set_result(None)

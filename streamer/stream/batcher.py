@@ -14,6 +14,9 @@ A batch is released when any of these holds:
 A batch never mixes models (or versions): it is built around the *oldest* waiting record (so
 none starves) from its neighbours of the same model in length order: the largest window that
 fits the padded-token budget (rows × longest row), and among those the one that pads least.
+The neighbours considered are the oldest ``POOL_BATCHES × max_batch_size`` waiting rows of that
+model (at least the whole oldest fetch): enough to group lengths well, while the cost of taking
+a batch stays the same however many records wait behind them.
 Waiting uses an event, never a sleep loop.
 """
 
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 _EMPTY_OBJ = np.empty(0, dtype=object)
+POOL_BATCHES = 4  # candidates for a batch: the oldest this many batches' worth of rows
 
 
 @dataclass(slots=True)
@@ -106,6 +110,16 @@ class _Pending:
     def merged(self) -> Rows:
         if len(self.parts) > 1:
             self.parts = [Rows.concat(self.parts)]
+        return self.parts[0]
+
+    def head(self, n: int) -> Rows:
+        """The oldest parts holding at least ``n`` rows, merged into one; later parts untouched."""
+        i, total = 0, 0
+        while i < len(self.parts) and total < n:
+            total += len(self.parts[i])
+            i += 1
+        if i > 1:
+            self.parts[:i] = [Rows.concat(self.parts[:i])]
         return self.parts[0]
 
     def oldest(self) -> float:
@@ -218,14 +232,32 @@ class Batcher:
 
     def _take(self) -> Rows:
         key, group = self._oldest_group()
-        rows = group.merged()
-        lengths = np.maximum(rows.lengths, 1)
-        order = np.argsort(lengths, kind="stable")
-        picked = order[window(lengths[order], int(np.flatnonzero(order == 0)[0]), self)]
-        batch = rows.take(picked)
-        keep = np.ones(len(rows), bool)
-        keep[picked] = False
-        self._replace(key, rows.take(keep))
+        limit = self.max_batch_size * POOL_BATCHES
+        head = group.head(limit)
+        pool = head if len(head) <= limit else head.take(slice(0, limit))
+        lengths = np.maximum(pool.lengths, 1)
+        if (
+            len(pool) == group.rows
+            and len(pool) <= self.max_batch_size
+            and len(pool) * int(lengths.max()) <= self.max_batch_tokens
+        ):
+            batch = head  # everything waiting fits: no sorting, no copies
+            rest = None
+        else:
+            order = np.argsort(lengths, kind="stable")
+            picked = order[window(lengths[order], int(np.flatnonzero(order == 0)[0]), self)]
+            batch = pool.take(picked)
+            keep = np.ones(len(head), bool)
+            keep[picked] = False
+            rest = head.take(keep)
+        if rest is not None and len(rest):
+            group.parts[0] = rest
+        else:
+            del group.parts[0]
+        group.rows -= len(batch)
+        group.tokens -= batch.tokens
+        if not group.parts:
+            del self._groups[key]
         return batch
 
 

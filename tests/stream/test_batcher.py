@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from support import Msg
 
-from streamer.stream.batcher import Batcher, BatcherClosed, Rows, window
+from streamer.stream.batcher import POOL_BATCHES, Batcher, BatcherClosed, Rows, window
 from streamer.stream.records import Chunk, TopicPartition
 
 HOUR_MS = 3_600_000.0
@@ -204,6 +204,30 @@ async def test_the_oldest_never_starves() -> None:
     for _ in range(2):
         assert (await b.next_batch()).lengths.tolist() == [2, 2, 2, 2]
     assert (await drain_async(b))[0].lengths.tolist() == [50]
+
+
+async def test_candidates_are_the_oldest_pool_of_rows() -> None:
+    """Neighbours come from the oldest POOL_BATCHES x max_batch_size rows: a perfect match far
+    behind them waits its turn, and rows behind the pool are not touched (merged or copied)."""
+    b = make(max_batch_size=2)
+    pool = 2 * POOL_BATCHES
+    b.put(rows([10] + [50] * (pool - 1)))  # the oldest fetch: the pool
+    late = rows([10])
+    b.put(late)  # matches the oldest exactly, but behind the pool
+    batch = await b.next_batch()
+    assert batch.lengths.tolist() == [10, 50]
+    assert b._groups[id(MODEL)].parts[-1] is late  # behind the pool: untouched
+    seen = [batch] + await drain_async(b)
+    assert sum(len(x) for x in seen) == pool + 1
+
+
+async def test_everything_waiting_that_fits_goes_as_is() -> None:
+    b = make(max_batch_size=8)
+    block = rows([3, 9, 4])
+    b.put(block)
+    b.close()
+    assert await b.next_batch() is block  # no sort, no copy
+    assert len(b) == 0 and b.pending_tokens == 0
 
 
 async def test_single_record_over_budget_still_goes_alone() -> None:
