@@ -41,8 +41,13 @@
 #      d) encodings,low-load,per-record
 #                                base64 outputs, a steady 10 records/s, the per-record
 #                                consumer on 300 records                                ≤ 120 s
-#    About 4 minutes on an H100 when nothing hangs; at worst the timeouts plus installing,
-#    under 9. BENCH_ARGS adds options to every group (e.g. "--records 60000").
+#      e) processes              `streamer run` with runtime.processes 1, 2 and 4: MiniLM
+#                                fp32 and the zero-cost model (backend null), measured
+#                                from outside                                           ≤ 200 s
+#    `bash bench/gpu_bench.sh` runs a-d: about 4 minutes on an H100 when nothing hangs; at
+#    worst the timeouts plus installing, under 9. Name groups to run those instead, e.g.
+#      run(command="bash bench/gpu_bench.sh run e", carry=[".whl"], timeout_s=300)
+#    BENCH_ARGS adds options to every group (e.g. "--records 60000").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,7 +104,7 @@ assert torch.cuda.is_available(), "no CUDA device visible"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
       f"{torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()}")
 EOF
-  rm -f "$out/gpu-bench.json" "$out/gpu-bench.md"
+  [ $# -gt 0 ] || rm -f "$out/gpu-bench.json" "$out/gpu-bench.md"  # all groups: a fresh table
   local failed=0
   # One group of sections. At its limit SIGTERM (the bench stops its broker; the rows it wrote
   # stay), SIGKILL 20 s later.
@@ -113,10 +118,18 @@ EOF
       --offline-passes 2 --cuda-graphs both --append --out "$out/gpu-bench.json" \
       "$@" ${BENCH_ARGS:-} || { echo "== exit $? from: streamer bench $*" >&2; failed=1; }
   }
-  section 90 --only passthrough,no-model
-  section 150 --only offline
-  section 150 --only streamer
-  section 120 --only encodings,low-load,per-record
+  local groups=("$@")
+  [ ${#groups[@]} -gt 0 ] || groups=(a b c d)
+  for group in "${groups[@]}"; do
+    case "$group" in
+      a) section 90 --only passthrough,no-model ;;
+      b) section 150 --only offline ;;
+      c) section 150 --only streamer ;;
+      d) section 120 --only encodings,low-load,per-record ;;
+      e) section 200 --only processes --processes 1,2,4 ;;
+      *) echo "unknown group $group (a-e)" >&2; return 2 ;;
+    esac
+  done
   echo "== $out/gpu-bench.md"
   cat "$out/gpu-bench.md" 2>/dev/null || echo "no table was written" >&2
   return "$failed"
@@ -124,6 +137,6 @@ EOF
 
 case "${1:-run}" in
   prepare) prepare ;;
-  run) run ;;
-  *) echo "usage: bash bench/gpu_bench.sh [prepare|run]" >&2; exit 2 ;;
+  run) shift || true; run "$@" ;;
+  *) echo "usage: bash bench/gpu_bench.sh [prepare | run [a b c d e]]" >&2; exit 2 ;;
 esac

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", "-c", type=Path, help="YAML config file (default: built-ins)")
     run.add_argument("--check", action="store_true", help="validate the config, print it, exit")
+    # set by the supervisor (runtime.processes > 1) on each worker it starts: tags its logs
+    run.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)
 
     broker = sub.add_parser(
         "broker",
@@ -113,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         metavar="SECTIONS",
         help="comma-separated sections to run (default: all): offline, streamer, encodings, "
-        "low-load, per-record, passthrough, no-model; e.g. --only passthrough,no-model",
+        "low-load, per-record, passthrough, no-model, processes; e.g. --only passthrough,no-model",
     )
     bench.add_argument(
         "--no-model-records",
@@ -135,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
         default="on",
         help="model.cuda_graphs for the CUDA torch variants; both: a row each, the eager one "
         "named VARIANT-eager (default: on)",
+    )
+    bench.add_argument(
+        "--processes",
+        metavar="LIST",
+        default="1,2",
+        help="runtime.processes counts for the processes section (default: 1,2)",
     )
     bench.add_argument(
         "--append",
@@ -203,10 +211,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.check:
         print(cfg.model_dump_json(indent=2))
         return 0
-    setup_logging(cfg.log.level, cfg.log.json_format)
-    from streamer.app import serve
-
+    worker = args.worker.split("/")[0] if args.worker else None
+    setup_logging(cfg.log.level, cfg.log.json_format, worker=worker)
     try:
+        if cfg.runtime.processes > 1:
+            from streamer.supervisor import supervise
+
+            return asyncio.run(supervise(cfg, args.config))
+        from streamer.app import serve
+
         return asyncio.run(serve(cfg, args.config))
     except Exception as exc:
         logging.getLogger("streamer").error("fatal: %s: %s", type(exc).__name__, exc)

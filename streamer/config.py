@@ -193,8 +193,10 @@ class ModelConfig(_Section):
     max_length: int = Field(default=256, ge=2)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    backend: Literal["torch", "onnxruntime", "openvino"] = Field(
-        default="torch", description="onnxruntime/openvino: exported once, cached on disk"
+    backend: Literal["torch", "onnxruntime", "openvino", "null"] = Field(
+        default="torch",
+        description="onnxruntime/openvino: exported once, cached on disk; null: a zero-cost "
+        "stand-in whose outputs mean nothing, for measuring the pipeline (streamer bench)",
     )
     quantize: Literal["none", "int8"] = Field(
         default="none", description="int8: dynamic quantization of the linear layers (CPU)"
@@ -299,11 +301,23 @@ class BatchingConfig(_Section):
     )
 
 
+def usable_cores() -> list[int]:
+    """The cores this process may run on (all of them where affinity is unknown)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 class RuntimeConfig(_Section):
     torch_threads: int | None = Field(default=None, ge=1, description="default: usable cores")
     torch_interop_threads: int = Field(default=1, ge=1)
     cpu_affinity: list[int] | None = None
     shutdown_grace_s: float = Field(default=25, gt=0)
+    processes: int = Field(
+        default=1,
+        ge=1,
+        description="worker processes in this pod, each its own group member (see docs/gpu.md)",
+    )
 
     @field_validator("cpu_affinity")
     @classmethod
@@ -410,23 +424,34 @@ class StreamerConfig(BaseSettings):
                 raise ValueError(f"routing.by_topic: {topic} -> '{name}' is not a model {names}")
         if self.routing.default is not None and self.routing.default not in known:
             raise ValueError(f"routing.default: '{self.routing.default}' is not a model {names}")
+        n = self.runtime.processes
+        if n > 1:
+            cores = self.runtime.cpu_affinity or usable_cores()
+            if n > len(cores):
+                raise ValueError(
+                    f"runtime.processes: {n} workers but {len(cores)} usable core(s) "
+                    f"{sorted(cores)}; each worker needs a core of its own: lower it"
+                )
+            if self.http.admin:
+                raise ValueError(
+                    "http.admin: not served with runtime.processes > 1 (a swap would reach one "
+                    "worker); change models with SIGHUP, which every worker re-reads"
+                )
         return self
 
     def model_list(self) -> list[ModelConfig]:
         """The models this service loads: ``models`` when given, else ``model``."""
         return list(self.models) if self.models else [self.model]
 
-    def require_model_path(self) -> Path:
+    def require_model_path(self) -> Path | None:
         for i, m in enumerate(self.model_list()):
-            if m.path is None:
+            if m.path is None and m.backend != "null":
                 key = f"models.{i}.path" if self.models else "model.path"
                 raise ConfigError(
                     f"{key}: not set. Point it at a local model directory "
                     "(config file or STREAMER_MODEL__PATH), e.g. the one `streamer demo` uses."
                 )
-        path = self.model_list()[0].path
-        assert path is not None
-        return path
+        return self.model_list()[0].path
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

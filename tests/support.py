@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = (
@@ -97,6 +98,16 @@ def build_tiny_model(
         model = BertModel(cfg)
     model.save_pretrained(directory)
     return directory
+
+
+def two_cores() -> list[int]:
+    """Two usable cores, for tests of ``runtime.processes: 2`` (one core per worker)."""
+    from streamer.config import usable_cores
+
+    cores = usable_cores()[:2]
+    if len(cores) < 2:
+        pytest.skip("runtime.processes: 2 needs two usable cores; this machine has one")
+    return cores
 
 
 def base_config(bootstrap: str, model_path: Path, topic: str, **sections: Any) -> dict[str, Any]:

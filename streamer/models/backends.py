@@ -74,6 +74,11 @@ def create_model(cfg: ModelConfig, *, threads: int | None = None) -> TextModel:
         return OnnxRuntimeModel(cfg, threads=threads)
     if cfg.backend == "openvino":
         return OpenVinoModel(cfg, threads=threads)
+    if cfg.backend == "null":
+        from streamer.tools.nullmodel import NullModel
+
+        log.warning("model %s: backend null, outputs mean nothing (benchmarks only)", cfg.name)
+        return NullModel.from_config(cfg)
     raise ValueError(f"unknown model.backend {cfg.backend!r}")
 
 

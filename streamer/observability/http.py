@@ -8,6 +8,7 @@ consumer has joined its group (and not while draining for shutdown).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +19,8 @@ from streamer.config import HttpConfig
 
 log = logging.getLogger(__name__)
 
-Check = Callable[[], tuple[bool, str]]
+# A check answers (ok, reason); the supervisor's ask its workers, so they may be coroutines.
+Check = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]
 Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
 
 
@@ -29,7 +31,7 @@ class HealthServer:
         *,
         liveness: Check,
         readiness: Check,
-        metrics: Callable[[], bytes],
+        metrics: Callable[[], bytes | Awaitable[bytes]],
         extra_routes: list[Route] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -69,18 +71,20 @@ class HealthServer:
             self._runner = None
 
     @staticmethod
-    def _answer(check: Check) -> web.Response:
-        ok, reason = check()
+    async def _answer(check: Check) -> web.Response:
+        answer = check()
+        ok, reason = await answer if inspect.isawaitable(answer) else answer
         return web.Response(status=200 if ok else 503, text=reason + "\n")
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        return self._answer(self._liveness)
+        return await self._answer(self._liveness)
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        return self._answer(self._readiness)
+        return await self._answer(self._readiness)
 
     async def _serve_metrics(self, _: web.Request) -> web.Response:
-        resp = web.Response(body=self._metrics())
+        body = self._metrics()
+        resp = web.Response(body=await body if inspect.isawaitable(body) else body)
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         resp.charset = "utf-8"
         return resp

@@ -9,6 +9,10 @@ import orjson
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -16,6 +20,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            doc["worker"] = self.worker
         for key in ("trace_id", "span_id"):
             value = getattr(record, key, None)
             if value:
@@ -25,13 +31,17 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
+def setup_logging(
+    level: str = "INFO", json_format: bool = False, worker: str | None = None
+) -> None:
+    """``worker``: the index of a ``runtime.processes`` worker, in every line it logs."""
     handler = logging.StreamHandler(sys.stderr)
     if json_format:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
+        tag = f"[worker {worker}] " if worker is not None else ""
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s", "%H:%M:%S")
         )
     from streamer.observability.tracing import TraceIdsFilter
 

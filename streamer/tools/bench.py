@@ -117,12 +117,27 @@ CPU_DEFAULT = (
 )
 CUDA_DEFAULT = ("torch-fp32", "torch-fp16", "torch-bf16")
 ENCODINGS = ("float", "base64-f16", "base64-f32")
-SECTIONS = ("offline", "streamer", "encodings", "low-load", "per-record", "passthrough", "no-model")
-MODEL_SECTIONS = frozenset(SECTIONS[:5])
+SECTIONS = (
+    "offline",
+    "streamer",
+    "encodings",
+    "low-load",
+    "per-record",
+    "passthrough",
+    "no-model",
+    "processes",
+)
+MODEL_SECTIONS = frozenset((*SECTIONS[:5], "processes"))
 # Inputs produced once per run and read by several rows, each with its own group:
 INPUT_TOPIC = "bench-input"  # the streamer variants' and encodings' (--records)
 RAW_TOPIC = "bench-raw"  # the passthrough's and the no-model row's (--no-model-records)
-NULL_MODEL = {"name": "null", "version": "null", "max_length": 128, "device": "cpu"}
+NULL_MODEL = {
+    "name": "null",
+    "version": "null",
+    "max_length": 128,
+    "device": "cpu",
+    "backend": "null",
+}
 
 
 def cpu_has_bf16() -> bool:
@@ -636,6 +651,7 @@ class Plan:
     skipped: dict[str, str]
     out: Path = Path("bench/results.json")  # and .md beside it
     cuda_graphs: str | None = None  # on | off | both, on CUDA
+    processes: list[int] = field(default_factory=lambda: [1, 2])  # the processes section's
     produced: set[str] = field(default_factory=set)  # input topics holding their records
     failures: list[str] = field(default_factory=list)  # rows of this run that failed
 
@@ -712,7 +728,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
         else {},
         out=args.out,
         cuda_graphs=(getattr(args, "cuda_graphs", None) or "on") if device == "cuda" else None,
+        processes=_process_counts(getattr(args, "processes", None) or "1,2"),
     )
+
+
+def _process_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--processes: comma-separated counts such as 1,2,4, not {text!r}")
+    return counts
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -731,6 +758,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "per-record": _run_per_record,
         "passthrough": _run_passthrough,
         "no-model": _run_no_model,
+        "processes": _run_processes,
     }
     # SIGTERM (`timeout` around a section) unwinds like Ctrl-C: the broker is stopped and the
     # rows written so far stay
@@ -889,8 +917,38 @@ def _run_no_model(console: Console, plan: Plan, bootstrap: str, results: dict[st
             )
 
 
+def _run_processes(console: Console, plan: Plan, bootstrap: str, results: dict[str, Any]) -> None:
+    """``streamer run`` with each ``--processes`` count: the reference variant on the
+    ``--records`` input and the zero-cost model on the ``--no-model-records`` one."""
+    from streamer.tools.procbench import multi_process
+
+    runs = [
+        ("torch-fp32", plan.model(plan.reference), INPUT_TOPIC, plan.texts),
+        ("no-model", NULL_MODEL, RAW_TOPIC, plan.raw_texts),
+    ]
+    for name, model, topic_name, texts in runs:
+        for n in plan.processes:
+            label = f"streamer {name} x{n} processes"
+            with _attempt(console, plan, results, label):
+                topic = _input(console, plan, bootstrap, topic_name, texts)
+                with console.status(f"streamer run, runtime.processes={n}, {name}…"):
+                    row = asyncio.run(
+                        multi_process(
+                            bootstrap,
+                            plan.service_over(model),
+                            _kafka_over(bootstrap),
+                            topic,
+                            len(texts),
+                            n,
+                            plan.out.parent / "processes",
+                            name=name,
+                        )
+                    )
+                results["processes"][f"{name} x{n}"] = {"model": name, **row}
+
+
 # -- results --------------------------------------------------------------------------------------
-_MERGED = ("offline", "streamer", "encodings", "skipped", "failed")  # rows by name
+_MERGED = ("offline", "streamer", "encodings", "processes", "skipped", "failed")  # rows by name
 
 
 def _fresh_results(plan: Plan) -> dict[str, Any]:
@@ -907,6 +965,7 @@ def _fresh_results(plan: Plan) -> dict[str, Any]:
         "offline": {},
         "streamer": {},
         "encodings": {},
+        "processes": {},
         "skipped": plan.skipped,
         "failed": {},
     }
@@ -1105,6 +1164,24 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
                 "",
                 "",
                 f"bare aiokafka + orjson, same records and result size, {pt['records']} records",
+            )
+        )
+    procs = r.get("processes", {})
+    for e in procs.values():
+        one = _rate(procs.get(f"{e['model']} x1"))
+        rows.append(
+            (
+                f"streamer {e['model']} ×{e['processes']} proc",
+                _num(e["records_per_s"], ".1f"),
+                "",
+                "",
+                "",
+                "",
+                _ratio(e["records_per_s"], fp32) if e["model"] == "torch-fp32" else "",
+                "",
+                f"runtime.processes={e['processes']}, `streamer run` measured from outside: "
+                f"{_ratio(e['records_per_s'], one) or 'n/a'} one process, {e['records']} "
+                f"records, first result after {e['first_result_s']:.1f}s",
             )
         )
     n = r.get("per_record")

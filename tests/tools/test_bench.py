@@ -13,7 +13,15 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from support import RunningService, base_config, committed, json_records, produce, read_topic
+from support import (
+    RunningService,
+    base_config,
+    committed,
+    json_records,
+    produce,
+    read_topic,
+    two_cores,
+)
 
 from streamer.cli import main
 from streamer.config import ModelConfig, load_config
@@ -71,6 +79,40 @@ async def test_null_model_serves_end_to_end(broker: str, topic: str) -> None:
     assert sorted(v["id"] for v in values) == list(range(n))
     assert all(len(v["result"]["embedding"]) == NULL_DIM for v in values)
     assert values[0]["model"]["fingerprint"] == NULL_FINGERPRINT
+
+
+def test_null_backend_needs_no_path_and_builds_the_null_model() -> None:
+    from streamer.models.backends import create_model
+
+    cfg = load_config(None, model={"name": "nil", "backend": "null"})
+    assert cfg.require_model_path() is None
+    assert isinstance(create_model(cfg.model), NullModel)
+
+
+@pytest.mark.integration
+async def test_processes_row_runs_streamer_from_outside(
+    broker: str, topic: str, tmp_path: Path
+) -> None:
+    """The processes section's run: ``streamer run`` (backend null, two workers) as a child,
+    measured from its output topic, stopped with SIGTERM."""
+    from streamer.tools.bench import NULL_MODEL, _kafka_over
+    from streamer.tools.procbench import multi_process
+
+    n = 300
+    await create_topics(broker, {topic: 4})
+    await produce(broker, topic, json_records(n))
+    row = await multi_process(
+        broker,
+        {"model": NULL_MODEL, "runtime": {"cpu_affinity": two_cores()}},
+        _kafka_over(broker),
+        topic,
+        n,
+        2,
+        tmp_path,
+        timeout_s=120,
+    )
+    assert row["records"] == n and row["exit_code"] == 0 and row["records_per_s"] > 0
+    assert "[worker 1]" in (tmp_path / "bench-proc-run-2.log").read_text()
 
 
 # -- the kafka passthrough --------------------------------------------------------------------
@@ -225,10 +267,23 @@ def test_table_has_every_new_row_and_target() -> None:
             "latency_p99_ms": 20.0,
             "loop_us_per_record": 9.0,
         },
+        "processes": {
+            f"{m} x{n}": {
+                "model": m,
+                "processes": n,
+                "records": 1000,
+                "records_per_s": rate,
+                "first_result_s": 2.0,
+                "exit_code": 0,
+            }
+            for m, n, rate in [("torch-fp32", 1, 900.0), ("torch-fp32", 2, 1800.0)]
+        },
         "skipped": {"openvino-fp32": "CPU only"},
         "failed": {"low-load": "TimeoutError: x"},
     }
     rows = {row[0]: row for row in _rows(results)}
+    assert rows["streamer torch-fp32 ×2 proc"][1] == "1800.0"
+    assert "2.00× one process" in rows["streamer torch-fp32 ×2 proc"][-1]
     assert rows["offline torch-fp32 cold"][1] == "800.0"
     assert rows["offline torch-fp32 warm"][1] == "1000.0"
     assert rows["offline torch-fp16-eager cold"][6] == "1.88×"  # over fp32's cold pass
