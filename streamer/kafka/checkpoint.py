@@ -39,6 +39,7 @@ class OffsetTracker:
         self._parts: dict[TopicPartition, _PartitionState] = {}
         self._generation = 0
         self._in_flight = 0
+        self._held = 0  # records of tracked chunks not yet passed by the commit point
         self._changed = asyncio.Event()  # set whenever in-flight work completes
 
     # -- assignment -------------------------------------------------------------------------
@@ -57,6 +58,7 @@ class OffsetTracker:
                 dropped += state.outstanding
                 for chunk in state.chunks:
                     chunk.abandoned = True
+                    self._held -= len(chunk.messages)
         self._in_flight -= dropped
         self._changed.set()
         return dropped
@@ -86,6 +88,7 @@ class OffsetTracker:
         state.last_tracked = messages[-1].offset
         state.outstanding += n
         self._in_flight += n
+        self._held += n
         return chunk
 
     def done(self, chunk: Chunk, n: int = 1) -> bool:
@@ -99,7 +102,9 @@ class OffsetTracker:
         if chunk.remaining <= 0:
             chunks = state.chunks
             while chunks and chunks[0].remaining <= 0 and not chunks[0].abandoned:
-                state.next_commit = chunks.popleft().last + 1
+                passed = chunks.popleft()
+                state.next_commit = passed.last + 1
+                self._held -= len(passed.messages)
         self._changed.set()
         return True
 
@@ -140,6 +145,17 @@ class OffsetTracker:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def held(self) -> int:
+        """Records tracked and not yet behind the commit point: in flight, plus finished ones
+        waiting behind an unfinished record of their partition (what memory holds)."""
+        return self._held
+
+    def oldest_fetched_at(self) -> float | None:
+        """Monotonic fetch time of the oldest record not yet behind the commit point."""
+        heads = [s.chunks[0].fetched_at for s in self._parts.values() if s.chunks]
+        return min(heads) if heads else None
+
     def outstanding(self, tps: list[TopicPartition] | None = None) -> int:
         if tps is None:
             return self._in_flight
@@ -153,6 +169,11 @@ class OffsetTracker:
     async def wait_below(self, limit: int, tps: list[TopicPartition] | None = None) -> None:
         """Wait until fewer than ``limit`` records (of ``tps``) are outstanding."""
         while self.outstanding(tps) >= limit:
+            await self.wait_changed()
+
+    async def wait_held_below(self, limit: int) -> None:
+        """Wait until fewer than ``limit`` records are held (see :attr:`held`)."""
+        while self._held >= limit:
             await self.wait_changed()
 
     def partitions(self) -> list[TopicPartition]:

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,12 @@ def _outcome(fut: asyncio.Future) -> BaseException | None:
     if fut.cancelled():
         return asyncio.CancelledError("delivery cancelled (producer stopping)")
     return fut.exception()
+
+
+class DeliveryTimedOut(KafkaError):
+    """Retriable errors went on past ``kafka.delivery_timeout_ms``: fatal, loudly."""
+
+    retriable = False
 
 
 def _retriable(exc: BaseException) -> bool:
@@ -106,6 +113,7 @@ class OutBatch:
     timestamps_ms: np.ndarray | None = None
     spans: list[Any] = field(default_factory=list)  # ended when acknowledged
     attempt: int = 0
+    failing_since: float | None = None  # monotonic time of the first retriable failure
 
     def __len__(self) -> int:
         return len(self.values)
@@ -171,6 +179,7 @@ class OutBatch:
             None if self.errors is None else [self.errors[i] for i in idx],
             self.model,
             attempt=self.attempt,
+            failing_since=self.failing_since,
         ).finish()
 
 
@@ -234,6 +243,7 @@ class Publisher:
         cluster = producer.client.cluster
         every = cluster.partitions_for_topic(topic)
         attempt = 0
+        since = time.monotonic()
         while not every:
             try:
                 await producer.partitions_for(topic)
@@ -241,6 +251,8 @@ class Publisher:
                 if not _retriable(exc):
                     raise
                 attempt += 1
+                if (late := self._timed_out(topic, since, attempt, exc)) is not None:
+                    raise late from exc
                 await self._sleep(topic, exc, attempt)
             every = cluster.partitions_for_topic(topic)
         available = cluster.available_partitions_for_topic(topic) or every
@@ -301,6 +313,11 @@ class Publisher:
                     self._fatal(out, exc)
                     return
                 out.attempt += 1
+                out.failing_since = out.failing_since or time.monotonic()
+                late = self._timed_out(out.topic, out.failing_since, out.attempt, exc)
+                if late is not None:
+                    self._fatal(out, late)
+                    return
                 await self._sleep(out.topic, exc, out.attempt)
                 builder = out.build(self.builder_factory())
                 continue
@@ -342,6 +359,11 @@ class Publisher:
 
     async def _retry(self, out: OutBatch, exc: BaseException) -> None:
         out.attempt += 1
+        out.failing_since = out.failing_since or time.monotonic()
+        late = self._timed_out(out.topic, out.failing_since, out.attempt, exc)
+        if late is not None:
+            self._fatal(out, late)
+            return
         await self._sleep(out.topic, exc, out.attempt)
         await self._submit(out)
 
@@ -370,6 +392,20 @@ class Publisher:
         if not task.cancelled() and task.exception() is not None:
             self._on_fatal(task.exception())  # type: ignore[arg-type]
 
+    def _timed_out(
+        self, topic: str, since: float, attempt: int, exc: BaseException
+    ) -> DeliveryTimedOut | None:
+        """The error to stop with once retrying has gone on past the delivery timeout."""
+        elapsed = time.monotonic() - since
+        if elapsed * 1000 < self._cfg.delivery_timeout_ms:
+            return None
+        return DeliveryTimedOut(
+            f"publishing to {topic} kept failing for {elapsed:.0f}s over {attempt} attempts "
+            f"(last: {type(exc).__name__}: {exc}); gave up after kafka.delivery_timeout_ms="
+            f"{self._cfg.delivery_timeout_ms}: check that the topic exists (or the broker "
+            "creates topics) and has a leader; offsets past it were not committed"
+        )
+
     async def _sleep(self, topic: str, exc: BaseException, attempt: int) -> None:
         delay = backoff_s(self._cfg, attempt) * random.uniform(0.8, 1.0)
         log.warning(
@@ -393,8 +429,14 @@ class Publisher:
             await self._producer.flush()
         await self._idle.wait()
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop the producer; with ``timeout_s``, give up on a broker that does not answer
+        (what was not acknowledged is not committed, so it is published again after a
+        restart)."""
         for task in list(self._retries):
             task.cancel()
         if self._producer is not None:
-            await self._producer.stop()
+            try:
+                await asyncio.wait_for(self._producer.stop(), timeout_s)
+            except TimeoutError:
+                log.warning("the producer did not stop within %.0fs; going on", timeout_s)

@@ -10,7 +10,6 @@ when the last of them has run. A version that fails to load leaves the old one s
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,11 +130,7 @@ class ModelRegistry:
             if versions.get(loaded.info.version) is loaded:
                 del versions[loaded.info.version]
             loaded.model = None
-            gc.collect()
-            if loaded.info.device == "cuda":
-                import torch
-
-                torch.cuda.empty_cache()
+            self._worker.free_memory(loaded.info.device == "cuda")  # off the event loop
             log.info("released %s", loaded.ref)
             self._on_change()
 

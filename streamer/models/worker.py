@@ -17,6 +17,7 @@ memory is handled the same way, after the allocator's cache is emptied, and repo
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -43,6 +44,19 @@ class Inferred:
 
     outputs: np.ndarray | None  # None when every row failed
     failures: dict[int, RecordError]
+
+
+def _free_memory(cuda: bool) -> None:
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _log_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("freeing a released model's memory failed: %r", future.exception())
 
 
 def _usable_cores() -> int:
@@ -118,6 +132,14 @@ class InferenceWorker:
         assert self._load_pool is not None, "start() first"
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._load_pool, self._load, factory)
+
+    def free_memory(self, cuda: bool) -> None:
+        """``gc.collect()`` (and ``torch.cuda.empty_cache()``) after a model version is dropped,
+        on the loader thread: a full collection with a model's worth of objects takes long
+        enough to stall the event loop. A failure is logged, never lost."""
+        assert self._load_pool is not None, "start() first"
+        future = self._load_pool.submit(_free_memory, cuda)
+        future.add_done_callback(_log_failure)
 
     def _load(self, factory: Callable[[], TextModel]) -> TextModel:
         model = factory()

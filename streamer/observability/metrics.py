@@ -38,6 +38,8 @@ class StateSource:
     def __init__(self) -> None:
         self.lag: Callable[[], Iterable[PartitionLag]] = lambda: ()
         self.in_flight: Callable[[], int] = lambda: 0
+        self.held: Callable[[], int] = lambda: 0
+        self.oldest_uncommitted_age_s: Callable[[], float] = lambda: 0.0
         self.paused_partitions: Callable[[], int] = lambda: 0
         self.assigned_partitions: Callable[[], int] = lambda: 0
         # (name, version, fingerprint, task, device, dtype, memory bytes) per loaded model
@@ -64,6 +66,18 @@ class _StateCollector(Collector):
             "streamer_in_flight_records",
             "Records fetched whose output is not yet acknowledged",
             value=s.in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "streamer_held_records",
+            "Records not yet behind the commit point: in flight, plus finished ones waiting "
+            "behind an unfinished record of their partition (bounded by max_in_flight)",
+            value=s.held(),
+        )
+        yield GaugeMetricFamily(
+            "streamer_oldest_uncommitted_age_seconds",
+            "Age of the oldest fetched record not yet behind the commit point (0 when none): "
+            "grows while one record's send is stuck",
+            value=s.oldest_uncommitted_age_s(),
         )
         yield GaugeMetricFamily(
             "streamer_paused_partitions",

@@ -23,6 +23,7 @@ from streamer.stream.codec import (
     result_value,
 )
 from streamer.stream.outputs import Destinations, Outputs
+from streamer.stream.records import EncodeFailed
 from streamer.stream.spans import record_span
 
 
@@ -38,19 +39,13 @@ class Encoder:
         self, batch: Rows, inferred: Inferred, dest: Destinations, spans: list[Any]
     ) -> list[OutBatch]:
         loaded = batch.bound
-        model, info = loaded.model, loaded.info
+        info = loaded.info
         out = Outputs(dest, model=info.name)
         out.spans.extend(spans)
         failures = inferred.failures
         frags: list[Any] = []
         if inferred.outputs is not None:
-            frags = result_fragments(
-                inferred.outputs,
-                info.task,
-                _labels(model),
-                encoding=self._encoding,
-                return_all_scores=loaded.cfg.return_all_scores,
-            )
+            frags = self._fragments(inferred.outputs, loaded)
         model_json = model_fragment(info)
         tracing = self._tracing.enabled
         chunks, index = batch.chunks.tolist(), batch.index.tolist()
@@ -66,17 +61,49 @@ class Encoder:
                     self._tracing.fail(span, err.error_class, err.message)
                     out.spans.append(span)
                 continue
-            m = chunk.messages[i]
-            tp = chunk.tp
-            value = result_value(
-                record_ids[j], frags[j], model_json, tp.topic, tp.partition, m.offset
-            )
-            if tracing:
-                headers = self._traced(out, chunk, i, traces[j])
-            else:
-                headers = result_headers(traces[j]) if traces[j] is not None else []
+            try:
+                frag = frags[j]
+                if isinstance(frag, EncodeFailed):
+                    raise frag
+                m = chunk.messages[i]
+                tp = chunk.tp
+                value = result_value(
+                    record_ids[j], frag, model_json, tp.topic, tp.partition, m.offset
+                )
+                if tracing:
+                    headers = self._traced(out, chunk, i, traces[j])
+                else:
+                    headers = result_headers(traces[j]) if traces[j] is not None else []
+            except Exception as exc:  # this record to the DLQ; the stream goes on
+                err = exc if isinstance(exc, EncodeFailed) else _encode_failed(exc)
+                out.dead_letter(chunk, i, err)
+                continue
             out.result(chunk, i, value, headers)
         return out.batches()
+
+    def _fragments(self, outputs: Any, loaded: Any) -> list[Any]:
+        """The batch's result fragments in one pass; if that raises, row by row, so only the
+        rows that fail become :class:`EncodeFailed` (and dead letters) instead of the batch."""
+
+        def fragments(rows: Any) -> list[Any]:
+            return result_fragments(
+                rows,
+                loaded.info.task,
+                _labels(loaded.model),
+                encoding=self._encoding,
+                return_all_scores=loaded.cfg.return_all_scores,
+            )
+
+        try:
+            return fragments(outputs)
+        except Exception:
+            out: list[Any] = []
+            for j in range(len(outputs)):
+                try:
+                    out.append(fragments(outputs[j : j + 1])[0])
+                except Exception as exc:
+                    out.append(_encode_failed(exc))
+            return out
 
     def _traced(self, out: Outputs, chunk: Any, i: int, context: Any) -> list:
         span = record_span(self._tracing, self._group_id, chunk, i, context)
@@ -84,6 +111,10 @@ class Encoder:
             return result_headers(context)
         out.spans.append(span)  # ended with the batch's acknowledgement
         return context_headers(*self._tracing.inject(span))
+
+
+def _encode_failed(exc: BaseException) -> EncodeFailed:
+    return EncodeFailed(f"building the result failed: {type(exc).__name__}: {exc}")
 
 
 def _labels(model: Any) -> dict[int, str]:

@@ -49,6 +49,7 @@ from streamer.models.worker import InferenceWorker
 from streamer.observability.metrics import PartitionLag
 from streamer.observability.telemetry import Telemetry
 from streamer.stream.batcher import Batcher, BatcherClosed, Rows
+from streamer.stream.breaker import Breaker
 from streamer.stream.encode import Encoder
 from streamer.stream.outputs import Destinations, Outputs
 from streamer.stream.prepare import Preparer
@@ -62,6 +63,10 @@ _DONE = object()  # end-of-stream marker on the stage queues
 
 class PipelineFailed(RuntimeError):
     """A stage failed in a way that must stop the service (offsets stay uncommitted)."""
+
+
+class BreakerTripped(PipelineFailed):
+    """Most records failed for one non-input reason (see :mod:`streamer.stream.breaker`)."""
 
 
 class Pipeline:
@@ -91,6 +96,9 @@ class Pipeline:
             max_batch_tokens=b.max_batch_tokens,
             max_wait_ms=b.max_wait_ms,
             upstream_idle=self._upstream_idle,
+        )
+        self.breaker = Breaker(
+            cfg.breaker.window_records, cfg.breaker.failure_ratio, cfg.breaker.enabled
         )
         self._prepare = Preparer(cfg, registry, self.tracing)
         self._encode = Encoder(cfg, self.tracing)
@@ -169,21 +177,30 @@ class Pipeline:
         return self._failure
 
     async def drain_and_stop(self, grace_s: float) -> bool:
-        """Stop fetching, finish everything in flight, flush, commit. True if fully drained."""
+        """Stop fetching, finish everything in flight, flush, commit. True if fully drained.
+
+        Every step is bounded by what is left of ``grace_s``: a broker that does not answer
+        costs the records since the last commit (processed again after a restart), never a
+        shutdown that outlives the pod's termination grace period.
+        """
         deadline = time.monotonic() + grace_s
+
+        def left(floor: float = 0.0) -> float:
+            return max(floor, deadline - time.monotonic())
+
         fetch = self._tasks.get("fetch")
         if fetch is not None:
             fetch.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await fetch
+        self._abandon_queued()
         drained = False
         if self._failure is None:
-            await self._prepare_q.put(_DONE)
+            await self._prepare_q.put(_DONE)  # the queue was just emptied: never blocks
             stages = [self._tasks[n] for n in ("prepare", "infer", "encode") if n in self._tasks]
             try:
                 await asyncio.wait_for(
-                    asyncio.gather(*stages, self.tracker.wait_below(1)),
-                    timeout=max(0.0, deadline - time.monotonic()),
+                    asyncio.gather(*stages, self.tracker.wait_below(1)), timeout=left()
                 )
                 drained = True
             except TimeoutError:
@@ -199,15 +216,38 @@ class Pipeline:
             if task is not None and not task.done():
                 task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        try:
-            await asyncio.wait_for(
-                self.publisher.flush(), timeout=max(0.1, deadline - time.monotonic())
-            )
-        except TimeoutError:
-            log.warning("producer flush did not finish within the grace period")
-        await self._commit()
-        await self.consumer.stop()
+        await self._bounded(self.publisher.flush(), left(0.1), "flushing the producer")
+        await self._bounded(self._commit(), left(0.1), "the final commit")
+        await self._bounded(self.consumer.stop(), left(1.0), "leaving the group")
         return drained
+
+    def _abandon_queued(self) -> None:
+        """Fetched chunks still waiting for the prepare stage are given up at once (not
+        committed: the next owner, or this one after a restart, reads them again) instead of
+        holding the drain while they are processed."""
+        while True:
+            try:
+                item = self._prepare_q.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if item is _DONE:
+                continue
+            for chunk in item:
+                self.tracker.abandon(chunk, chunk.remaining)
+
+    async def _bounded(self, step: Awaitable[Any], timeout_s: float, what: str) -> None:
+        try:
+            await asyncio.wait_for(step, timeout=timeout_s)
+        except TimeoutError:
+            log.warning("%s did not finish within the shutdown grace period; going on", what)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are cancelled: not the step's own error
+            # aiokafka's consumer.stop() can surface the cancellation of its own fetch tasks
+            log.warning("%s was cancelled inside the client during shutdown; going on", what)
+        except Exception as exc:
+            log.warning("%s failed during shutdown: %s: %s", what, type(exc).__name__, exc)
 
     # -- fetch (the main loop) ------------------------------------------------------------------
     def _upstream_idle(self) -> bool:
@@ -218,14 +258,16 @@ class Pipeline:
         keepalive_s = kcfg.max_poll_interval_ms / 3000
         tracker, consumer = self.tracker, self.consumer
         while True:
-            room = bcfg.max_in_flight - tracker.in_flight
+            # held, not just in flight: finished records waiting behind an unfinished one (a
+            # stuck send) count too, so a stuck record cannot grow the tracker without bound
+            room = bcfg.max_in_flight - tracker.held
             if room <= 0:
                 if not consumer.paused:
                     consumer.pause_all()
-                    log.debug("paused: %d records in flight", tracker.in_flight)
+                    log.debug("paused: %d records held", tracker.held)
                 try:
                     await asyncio.wait_for(
-                        tracker.wait_below(max(1, bcfg.max_in_flight // 2)), keepalive_s
+                        tracker.wait_held_below(max(1, bcfg.max_in_flight // 2)), keepalive_s
                     )
                 except TimeoutError:
                     room = 0  # keep the poll interval alive below
@@ -380,6 +422,13 @@ class Pipeline:
         moved = False
         for chunk, n in out.counts.items():
             moved |= done(chunk, n)
+        if out.dead_letters:
+            assert out.errors is not None
+            self.breaker.failed(out.errors)
+            if self.breaker.tripped is not None:
+                self.fail(BreakerTripped(self.breaker.tripped))
+        else:
+            self.breaker.ok(len(out))
         assert out.fetched_at is not None and out.timestamps_ms is not None
         ts = out.timestamps_ms[out.timestamps_ms > 0]
         published, dead = ({}, out.labels) if out.dead_letters else (out.labels, {})

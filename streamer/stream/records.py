@@ -51,6 +51,9 @@ class RecordError(Exception):
     """A record that cannot be processed. ``stage`` says where; the class name says what."""
 
     stage = "decode"
+    # Not the input's fault (a broken tokenizer, a sticky device error, a bug in encoding):
+    # when most records fail this way at once, the breaker stops the service instead.
+    systemic = False
 
     def __init__(self, message: str, stage: str | None = None) -> None:
         super().__init__(message)
@@ -100,10 +103,20 @@ class TextTooLong(RecordError):
 
 class TokenizationFailed(RecordError):
     stage = "tokenize"
+    systemic = True
 
 
 class InferenceFailed(RecordError):
     stage = "inference"
+    systemic = True
+
+
+class EncodeFailed(RecordError):
+    """Building the result (or its headers) raised: that record goes to the DLQ, not the
+    process down (and every replica after it, on the same record)."""
+
+    stage = "encode"
+    systemic = True
 
 
 class ResultTooLarge(RecordError):

@@ -225,3 +225,33 @@ async def test_wait_below_for_some_partitions_and_on_forget() -> None:
     assert t.outstanding() == 1 and t.current(b)
     t.forget([TP1])  # a revoke drains the partition too
     await asyncio.wait_for(everything, 5)
+
+
+def test_held_counts_finished_records_stuck_behind_an_unfinished_one() -> None:
+    """A stuck send holds its partition's commit; what finished behind it is still held (and
+    bounds fetching), and the oldest one's fetch time is what the age metric reports."""
+    t = OffsetTracker()
+    stuck = t.track(TP, msgs(0), 5.0, 1)
+    later = t.track(TP, msgs(1, 2, 3), 6.0, 2)
+    other = t.track(TP1, msgs(0, 1), 7.0, 3)
+    t.done(later, 3)
+    t.done(other, 2)
+    assert t.in_flight == 1 and t.held == 4  # 1 stuck + 3 finished behind it; TP1 passed
+    assert t.oldest_fetched_at() == 5.0
+    t.done(stuck)
+    assert t.held == 0 and t.oldest_fetched_at() is None
+    again = t.track(TP1, msgs(2, 3), 8.0, 4)
+    assert t.held == 2
+    t.forget([TP1])
+    assert t.held == 0 and not t.current(again)
+
+
+async def test_wait_held_below_wakes_when_the_stuck_record_finishes() -> None:
+    t = OffsetTracker()
+    stuck = t.track(TP, msgs(0), 1.0, 1)
+    t.done(t.track(TP, msgs(1, 2), 1.0, 1), 2)
+    waiter = asyncio.ensure_future(t.wait_held_below(2))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    t.done(stuck)
+    await asyncio.wait_for(waiter, 1)

@@ -146,3 +146,32 @@ def test_tokenize_isolates_the_text_that_fails() -> None:
     assert out[1].stage == "tokenize" and "cannot tokenize" in str(out[1])
     good = InferenceWorker.tokenize(model, ["a", "ab"])  # type: ignore[arg-type]
     assert [len(e.ids) for e in good] == [1, 2]
+
+
+async def test_memory_of_a_released_model_is_freed_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full gc.collect() with a model's worth of objects stalls whatever thread runs it: the
+    registry hands it to the loader thread."""
+    import asyncio
+    import threading
+
+    from streamer.models import worker as worker_module
+
+    ran_on: list[str] = []
+    done = threading.Event()
+
+    def collect() -> int:
+        ran_on.append(threading.current_thread().name)
+        done.set()
+        return 0
+
+    monkeypatch.setattr(worker_module.gc, "collect", collect)
+    worker = InferenceWorker(RuntimeConfig(torch_threads=1))
+    await worker.start()
+    try:
+        worker.free_memory(cuda=False)
+        assert await asyncio.get_running_loop().run_in_executor(None, done.wait, 10)
+    finally:
+        await worker.stop()
+    assert ran_on and ran_on[0].startswith("streamer-load")
