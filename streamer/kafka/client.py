@@ -50,16 +50,9 @@ def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
         "security_protocol": sec.protocol,
     }
     if sec.protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
+        from streamer.kafka.tls import ssl_context
 
-        ctx = create_ssl_context(
-            cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None,
-            certfile=str(sec.ssl_certfile) if sec.ssl_certfile else None,
-            keyfile=str(sec.ssl_keyfile) if sec.ssl_keyfile else None,
-            password=sec.ssl_key_password.get_secret_value() if sec.ssl_key_password else None,
-        )
-        ctx.check_hostname = sec.ssl_check_hostname
-        kwargs["ssl_context"] = ctx
+        kwargs["ssl_context"] = ssl_context(sec)  # TlsError names the key when files are bad
     if sec.protocol.startswith("SASL"):
         kwargs["sasl_mechanism"] = sec.sasl_mechanism
         kwargs["sasl_plain_username"] = sec.sasl_username

@@ -9,6 +9,7 @@ comparable only if both were made by byte-identical files.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,8 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 CONFIG_FILES = ("config.json",)
+# Weight formats torch reads through pickle, which can run arbitrary code while loading.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 
 
 class ModelCheckError(RuntimeError):
@@ -94,6 +97,46 @@ def scan(root: Path) -> ModelFiles:
     for p in files.all():
         files.hashes[files.rel(p)] = sha256_file(p)
     return files
+
+
+def weights_format(root: Path) -> tuple[str, list[str]]:
+    """``("safetensors" | "pickle" | "none", names)``: what ``from_pretrained`` would read.
+
+    Any ``*.safetensors`` file wins (transformers prefers it, and streamer loads with
+    ``use_safetensors=True``); pickle-based files matter only when there is none.
+    """
+    names = sorted(p.name for p in root.iterdir() if p.is_file())
+    safe = [n for n in names if n.endswith(".safetensors")]
+    if safe:
+        return "safetensors", safe
+    pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in TOKENIZER_FILES]
+    return ("pickle", pickled) if pickled else ("none", [])
+
+
+def check_weights_format(root: Path, allow_pickle: bool, ref: str) -> str:
+    """Refuse pickle-only weights unless ``model.allow_pickle``; returns the format."""
+    fmt, names = weights_format(root)
+    if fmt == "pickle" and not allow_pickle:
+        raise ModelCheckError(
+            f"model {ref} at {root} has pickle-based weights ({', '.join(names)}) and no "
+            "*.safetensors: unpickling can execute arbitrary code while loading, so streamer "
+            'refuses it. Convert the weights once, on a trusted machine: python -c "from '
+            f"transformers import AutoModel; AutoModel.from_pretrained('{root}')"
+            f".save_pretrained('{root}', safe_serialization=True)\" (AutoModelForSequence"
+            "Classification for a classifier), remove the pickle files and re-pin; or, if you "
+            "trust these files, set model.allow_pickle: true."
+        )
+    return fmt
+
+
+def custom_code(root: Path) -> dict[str, str]:
+    """config.json's ``auto_map`` (custom Python classes the directory asks to run), if any."""
+    try:
+        data = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in auto_map.items()} if isinstance(auto_map, dict) else {}
 
 
 def verify_pins(files: ModelFiles, pins: PinsConfig, ref: str) -> None:

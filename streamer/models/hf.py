@@ -32,6 +32,8 @@ from streamer.models.checks import (
     ModelCheckError,
     ModelFiles,
     check_compat,
+    check_weights_format,
+    custom_code,
     raise_on_errors,
     scan,
     verify_pins,
@@ -95,6 +97,18 @@ def _check_room(files: ModelFiles, device: str, ref: str) -> None:
             f"{where} is left (other models loaded?): give the instance more memory, load "
             "fewer models, or use a smaller dtype"
         )
+
+
+def _custom_code_error(path: Path, ref: str) -> ModelCheckError | None:
+    """The clear error when transformers cannot build a model without its own Python code."""
+    auto_map = custom_code(path)
+    if not auto_map:
+        return None
+    return ModelCheckError(
+        f"model {ref} at {path} can only be built by the custom code its config.json names "
+        f"(auto_map: {', '.join(sorted(set(auto_map.values())))}), which streamer never "
+        "executes: use a model whose architecture transformers ships, or convert it to one"
+    )
 
 
 def resolve_device(requested: str) -> str:
@@ -182,6 +196,8 @@ class HFTextModel:
         t = time.perf_counter()
         self.files: ModelFiles = scan(path)
         verify_pins(self.files, cfg.pins, cfg.ref)
+        # Pickle weights can run code when unpickled: refused unless model.allow_pickle.
+        self.weights_format = check_weights_format(path, cfg.allow_pickle, cfg.ref)
         self.timings.phases["fingerprint"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -193,7 +209,15 @@ class HFTextModel:
         self.timings.phases["framework"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # Never run code shipped with the files (config.json's auto_map): built-in classes only.
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False
+            )
+        except ValueError as exc:
+            if (err := _custom_code_error(path, cfg.ref)) is None:
+                raise
+            raise err from exc
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is None:
             raise ModelCheckError(f"{path}: no fast tokenizer (tokenizer.json) found")
@@ -209,7 +233,18 @@ class HFTextModel:
             if cfg.task == "text-classification"
             else transformers.AutoModel
         )
-        model = auto.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+        try:
+            model = auto.from_pretrained(
+                path,
+                local_files_only=True,
+                trust_remote_code=False,
+                use_safetensors=None if cfg.allow_pickle else True,  # None: safetensors first
+                dtype=torch_dtype,
+            )
+        except ValueError as exc:
+            if (err := _custom_code_error(path, cfg.ref)) is None:
+                raise
+            raise err from exc
         model.eval()
         self.timings.phases["weights"] = time.perf_counter() - t
 

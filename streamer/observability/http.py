@@ -4,10 +4,15 @@ It runs on the event loop on purpose: a ``/healthz`` answer proves the loop is r
 the liveness check adds that the inference thread is alive and no batch is stuck past
 ``http.stuck_after_s``. ``/readyz`` is 200 only once the model is loaded and warm and the
 consumer has joined its group (and not while draining for shutdown).
+
+Routes under ``/admin/`` load model directories, so each request must carry
+``Authorization: Bearer <http.admin_token>``; the token is compared in constant time and never
+logged.
 """
 
 from __future__ import annotations
 
+import hmac
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,7 +26,16 @@ log = logging.getLogger(__name__)
 
 # A check answers (ok, reason); the supervisor's ask its workers, so they may be coroutines.
 Check = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]
-Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Route = tuple[str, str, Handler]
+ADMIN_PREFIX = "/admin/"
+
+
+def _bearer(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 class HealthServer:
@@ -51,6 +65,13 @@ class HealthServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._serve_metrics)
         for method, path, handler in self._extra:
+            if path.startswith(ADMIN_PREFIX):
+                if self.cfg.admin_token is None and self.cfg.admin_token_file is None:
+                    raise RuntimeError(
+                        f"{path} needs a bearer token: set http.admin_token "
+                        "(STREAMER_HTTP__ADMIN_TOKEN) or http.admin_token_file"
+                    )
+                handler = self._guarded(handler)
             app.router.add_route(method, path, handler)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -69,6 +90,45 @@ class HealthServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """``handler`` behind the bearer token: 401 (and one warning, no token in it) if wrong."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                expected = self.cfg.token()
+            except OSError as exc:  # the mounted file went away: fail closed, say where
+                log.error(
+                    "admin request %s %s refused: cannot read http.admin_token_file (%s)",
+                    request.method,
+                    request.path,
+                    exc.strerror,
+                )
+                return web.json_response(
+                    {"error": "the admin token cannot be read; see the service log"}, status=503
+                )
+            given = _bearer(request.headers.get("Authorization", ""))
+            ok = (
+                bool(expected)
+                and given is not None
+                and hmac.compare_digest(given.encode(), (expected or "").encode())
+            )
+            if not ok:
+                log.warning(
+                    "admin request %s %s from %s refused: %s",
+                    request.method,
+                    request.path,
+                    request.remote or "unknown peer",
+                    "no bearer token" if given is None else "wrong bearer token",
+                )
+                return web.json_response(
+                    {"error": "unauthorized: send Authorization: Bearer <http.admin_token>"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="streamer-admin"'},
+                )
+            return await handler(request)
+
+        return guarded
 
     @staticmethod
     async def _answer(check: Check) -> web.Response:

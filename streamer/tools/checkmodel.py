@@ -10,12 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from streamer.config import ModelConfig
-from streamer.models.checks import Finding, ModelCheckError, scan
+from streamer.models.checks import Finding, ModelCheckError, custom_code, scan, weights_format
 
 STYLE = {"ok": "green", "warning": "yellow", "error": "red"}
 
 
-def run_check_model(path: Path, task: str, max_length: int, device: str) -> int:
+def run_check_model(
+    path: Path, task: str, max_length: int, device: str, allow_pickle: bool = False
+) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)  # full hashes in logs too
     try:
         files = scan(path)
@@ -38,9 +40,28 @@ def run_check_model(path: Path, task: str, max_length: int, device: str) -> int:
     console.print(f"[bold]manifest sha256 (fingerprint):[/] {files.fingerprint}")
     console.print("pin it with  pins: {manifest_sha256: " + files.fingerprint + "}")
 
+    fmt, names = weights_format(path)
+    if fmt == "pickle":
+        verdict = (
+            "allowed here (--allow-pickle): unpickling can run code, trusted files only"
+            if allow_pickle
+            else "refused unless model.allow_pickle: true (unpickling can run code)"
+        )
+        console.print(f"[bold]weights format:[/] pickle ({', '.join(names)}), {verdict}")
+    else:
+        console.print(f"[bold]weights format:[/] {fmt} ({', '.join(names)})")
+    auto_map = custom_code(path)
+    note = "never executed (trust_remote_code=False)"
+    if auto_map:
+        named = ", ".join(f"{k} -> {v}" for k, v in sorted(auto_map.items()))
+        note += f"; config.json's auto_map names custom code ({named}): ignored"
+    console.print(f"[bold]remote code:[/] {note}")
+
     from streamer.models.hf import HFTextModel
 
-    cfg = ModelConfig(path=path, task=task, max_length=max_length, device=device)  # type: ignore[arg-type]
+    cfg = ModelConfig(  # type: ignore[arg-type]
+        path=path, task=task, max_length=max_length, device=device, allow_pickle=allow_pickle
+    )
     model = HFTextModel(cfg)
     t = time.perf_counter()
     findings: list[Finding]

@@ -92,8 +92,12 @@ async def steady_stream(bootstrap: str, topic: str, n: int, every_s: float) -> N
         await asyncio.sleep(every_s)
 
 
+ADMIN_TOKEN = "registry-test-token"
+
+
 async def admin(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as http:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
         async with http.request(method, f"http://127.0.0.1:{port}{path}", json=body) as resp:
             return resp.status, await resp.json()
 
@@ -104,7 +108,13 @@ async def test_hot_swap_during_a_steady_stream_loses_nothing(
     await create_topics(broker, {topic: 2})
     port = free_port()
     cfg = load_config(
-        None, **base_config(broker, tiny_model, topic, http={"port": port, "admin": True})
+        None,
+        **base_config(
+            broker,
+            tiny_model,
+            topic,
+            http={"port": port, "admin": True, "admin_token": ADMIN_TOKEN},
+        ),
     )
     n = 600
     async with RunningService(cfg) as svc:
