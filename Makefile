@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench soak chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/streamer bench
+
+# RSS and lag while a backlog of 1,000,000 records drains (bench/soak.json, bench/soak.png)
+soak: $(STAMP)
+	$(BIN)/streamer soak
+
+# Faults under load, every record checked: 50 kills, a 2-minute rebalance storm, 5 network
+# rounds (bench/chaos.json); the short form runs inside `make test`
+chaos: $(STAMP)
+	$(BIN)/streamer chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

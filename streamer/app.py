@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from streamer.config import ConfigError, ModelConfig, StreamerConfig, load_config
+from streamer.kafka.tls import check_tls
 from streamer.models.backends import create_model
 from streamer.models.registry import ModelFactory, ModelRegistry, SwapFailed
 from streamer.models.worker import InferenceWorker
@@ -75,6 +76,8 @@ class Service:
         state = self.telemetry.metrics.state
         state.lag = self.pipeline.partition_lag
         state.in_flight = lambda: self.pipeline.tracker.in_flight
+        state.held = lambda: self.pipeline.tracker.held
+        state.oldest_uncommitted_age_s = self._oldest_uncommitted_age_s
         state.paused_partitions = self._paused_partitions
         state.assigned_partitions = lambda: len(self.pipeline.tracker.partitions())
         state.models = lambda: [
@@ -119,6 +122,10 @@ class Service:
             return False, "joining the consumer group"
         return True, "ready"
 
+    def _oldest_uncommitted_age_s(self) -> float:
+        oldest = self.pipeline.tracker.oldest_fetched_at()
+        return 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
+
     def _paused_partitions(self) -> int:
         consumer = self.pipeline.consumer
         try:
@@ -150,6 +157,7 @@ class Service:
                 phases,
             )
         log.info("%d model(s) loaded and warm in %.2fs", len(loaded), time.perf_counter() - t)
+        await check_tls(self.cfg.kafka)  # certificate problems fail here, named, not retried
         await self.publisher.start()
         self.telemetry.metrics.state.cuda = any(x.info.device == "cuda" for x in loaded)
         self.telemetry.tracing.attach_kafka(self.publisher.send_raw, asyncio.get_running_loop())
@@ -246,7 +254,7 @@ class Service:
         self.stopping = True
         drained = await self.pipeline.drain_and_stop(grace)
         await self.telemetry.tracing.shutdown()
-        await self.publisher.stop()
+        await self.publisher.stop(timeout_s=5.0)
         await self.worker.stop()
         await self.health.stop()
         if self.pipeline.failure is not None:
@@ -270,9 +278,21 @@ async def serve(cfg: StreamerConfig, config_path: Path | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
     loop.add_signal_handler(signal.SIGHUP, service.request_reload)
+    # start() may retry an unreachable (or refusing) broker for ever: SIGTERM must end that too.
+    starting = asyncio.ensure_future(service.start())
+    stop = asyncio.ensure_future(service._stop.wait())
     try:
-        await service.start()
+        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting})
+            log.info("stopped during start-up (nothing consumed yet)")
+            await service.close()
+            return 0
+        starting.result()
     except BaseException:
         await service.close()
         raise
+    finally:
+        stop.cancel()
     return await service.run()

@@ -65,6 +65,10 @@ class SecurityConfig(_Section):
                     "set sasl_password (e.g. STREAMER_KAFKA__SECURITY__SASL_PASSWORD) or "
                     "sasl_password_file when protocol is " + self.protocol
                 )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError(
+                "ssl_keyfile is set but ssl_certfile is not: a client certificate needs both"
+            )
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -106,6 +110,12 @@ class KafkaConfig(_Section):
     request_timeout_ms: int = Field(default=40_000, ge=1_000)
     retry_backoff_ms: int = Field(default=200, ge=10)
     max_retry_backoff_ms: int = Field(default=10_000, ge=10)
+    delivery_timeout_ms: int = Field(
+        default=120_000,
+        ge=1_000,
+        description="how long a publish may keep retrying retriable errors (no leader, a "
+        "missing topic) before the service stops with an error (Kafka's delivery.timeout.ms)",
+    )
     commit_interval_ms: int = Field(default=200, ge=0)
     max_request_size: int = Field(default=1_048_576, ge=1024)
     batch_size: int = Field(
@@ -225,6 +235,11 @@ class ModelConfig(_Section):
         description="on CUDA (torch backend), capture one CUDA graph per warmed shape and "
         "replay it (other shapes run eagerly); ignored on the CPU",
     )
+    allow_pickle: bool = Field(
+        default=False,
+        description="load pickle-based weights (.bin/.pt/.pth/.pkl) when a directory has no "
+        "safetensors; unpickling can run arbitrary code, so only for trusted files",
+    )
 
     @field_validator("name", "version")
     @classmethod
@@ -308,6 +323,21 @@ def usable_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
+class BreakerConfig(_Section):
+    """Stop, instead of dead-lettering everything, when most records fail the same way."""
+
+    enabled: bool = True
+    window_records: int = Field(
+        default=500, ge=10, description="records (results and dead letters) the ratio is over"
+    )
+    failure_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of the window failing with one non-input reason that trips it",
+    )
+
+
 class RuntimeConfig(_Section):
     torch_threads: int | None = Field(default=None, ge=1, description="default: usable cores")
     torch_interop_threads: int = Field(default=1, ge=1)
@@ -352,6 +382,44 @@ class HttpConfig(_Section):
         default=False,
         description="serve /admin/models and /admin/reload (load new model versions)",
     )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token the admin endpoints require (STREAMER_HTTP__ADMIN_TOKEN)",
+    )
+    admin_token_file: Path | None = Field(
+        default=None, description="file holding the admin token (e.g. a mounted Secret)"
+    )
+
+    @model_validator(mode="after")
+    def _admin_token(self) -> HttpConfig:
+        # The admin endpoints load arbitrary model directories: never serve them unguarded.
+        if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
+            raise ValueError("admin_token is empty: set a long random value, or leave it unset")
+        if self.admin_token_file is not None:
+            path = Path(self.admin_token_file)
+            if not path.is_file():
+                raise ValueError(f"admin_token_file: file {path} does not exist")
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ValueError(f"admin_token_file: cannot read {path} ({exc.strerror})") from None
+            if not text.strip():
+                raise ValueError(f"admin_token_file: {path} is empty; put the token in it")
+        if self.admin and self.admin_token is None and self.admin_token_file is None:
+            raise ValueError(
+                "http.admin is true but no token guards /admin/*: set http.admin_token "
+                "(e.g. STREAMER_HTTP__ADMIN_TOKEN) or http.admin_token_file (a mounted secret "
+                "file), or set http.admin: false"
+            )
+        return self
+
+    def token(self) -> str | None:
+        """The admin token, read from its file when asked (a rotated file takes effect)."""
+        if self.admin_token is not None:
+            return self.admin_token.get_secret_value().strip()
+        if self.admin_token_file is not None:
+            return Path(self.admin_token_file).read_text().strip()
+        return None
 
 
 class TracingConfig(_Section):
@@ -388,6 +456,7 @@ class StreamerConfig(BaseSettings):
 
     kafka: KafkaConfig = KafkaConfig()
     input: InputConfig = InputConfig()
+    breaker: BreakerConfig = BreakerConfig()
     model: ModelConfig = ModelConfig()
     models: list[ModelConfig] = Field(
         default_factory=list, description="several models; replaces `model` when given"
@@ -470,6 +539,15 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's snippet of the line (it may hold a secret)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "parse error"
+    if mark is None:
+        return str(problem)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> StreamerConfig:
     """Read the YAML file (if any), apply environment overrides, validate once.
 
@@ -484,7 +562,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> StreamerCon
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded

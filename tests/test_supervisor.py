@@ -64,9 +64,11 @@ def test_a_worker_reads_its_overrides_from_the_environment(
 def test_more_processes_than_cores_or_admin_fail_at_start() -> None:
     with pytest.raises(ConfigError, match=r"runtime\.processes"):
         load_config(None, runtime={"processes": 64, "cpu_affinity": [0]})
-    with pytest.raises(ConfigError, match=r"http\.admin"):
+    with pytest.raises(ConfigError, match=r"http\.admin: not served with runtime\.processes"):
         load_config(
-            None, runtime={"processes": 2, "cpu_affinity": two_cores()}, http={"admin": True}
+            None,
+            runtime={"processes": 2, "cpu_affinity": two_cores()},
+            http={"admin": True, "admin_token": "t0ken"},  # guarded, still refused
         )
 
 

@@ -428,8 +428,10 @@ async def per_record(
     torch.set_num_threads(threads)
     await create_topics(bootstrap, {topic: 1, f"{topic}.out": 1})
     await produce_texts(bootstrap, topic, texts)
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval().to(device)
+    safe = {"local_files_only": True, "trust_remote_code": False}  # like the service loads
+    tok = AutoTokenizer.from_pretrained(model_path, **safe)
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True, **safe)
+    model = model.eval().to(device)
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
