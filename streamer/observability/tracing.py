@@ -106,8 +106,25 @@ class Tracing:
         self.cfg = cfg
         env = os.environ if env is None else env
         endpoint_set = bool(cfg.endpoint) or any(env.get(v) for v in _ENDPOINT_VARS)
-        self.otlp = cfg.enabled if cfg.enabled is not None else endpoint_set
-        self.enabled = self.otlp or cfg.kafka_export
+        # OTEL_TRACES_EXPORTER as the SDK reads it: otlp (default), console, none; a list
+        exporters = {
+            e.strip().lower()
+            for e in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")
+            if e.strip()
+        }
+        unknown = exporters - {"otlp", "console", "none"}
+        if unknown:
+            raise ValueError(
+                f"OTEL_TRACES_EXPORTER={env.get('OTEL_TRACES_EXPORTER')}: {sorted(unknown)} not "
+                "supported here; use otlp, console or none"
+            )
+        if "none" in exporters:
+            exporters = set()
+        self.console = "console" in exporters
+        wanted = cfg.enabled if cfg.enabled is not None else (endpoint_set or self.console)
+        self.otlp = bool(wanted) and "otlp" in exporters and (endpoint_set or not self.console)
+        self.console = bool(wanted) and self.console
+        self.enabled = self.otlp or self.console or cfg.kafka_export
         self._env = env
         self.provider: TracerProvider | None = None
         self.tracer: trace.Tracer = trace.NoOpTracer()
@@ -119,6 +136,10 @@ class Tracing:
         self.provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
         if self.otlp:
             self.provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(cfg, env)))
+        if self.console:
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+            self.provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         self.tracer = self.provider.get_tracer("streamer", __version__)
 
     def describe(self) -> str:
@@ -130,6 +151,8 @@ class Tracing:
                 (self._env[v] for v in _ENDPOINT_VARS if self._env.get(v)), "default endpoint"
             )
             where.append(f"OTLP {_protocol(self.cfg, self._env)} to {endpoint}")
+        if self.console:
+            where.append("the console (OTEL_TRACES_EXPORTER=console)")
         if self.cfg.kafka_export:
             where.append(f"Kafka topic {self.cfg.kafka_topic}")
         return "tracing to " + " and ".join(where)

@@ -11,9 +11,12 @@ A batch is released when any of these holds:
   will not fill — at low load latency is one batch time, at high load batches fill;
 * the batcher is closed (drain).
 
-A batch never mixes models (or versions): it is built around the *oldest* waiting record (so
-none starves) from its neighbours of the same model in length order: the largest window that
-fits the padded-token budget (rows × longest row), and among those the one that pads least.
+A batch never mixes models (or versions). With ``ordered`` (``batching.order: partition``, the
+default) it is the longest run of the oldest waiting records, in arrival order, that fits the
+padded-token budget (rows × longest row): records of a partition arrive in offset order, so
+results leave in input order per partition, and per key. Without it, a batch is built around the
+*oldest* waiting record (so none starves) from its neighbours of the same model in length order:
+the largest window that fits the budget, and among those the one that pads least.
 The neighbours considered are the oldest ``POOL_BATCHES × max_batch_size`` waiting rows of that
 model (at least the whole oldest fetch): enough to group lengths well, while the cost of taking
 a batch stays the same however many records wait behind them.
@@ -41,6 +44,8 @@ class Rows:
     ``chunks[i]`` is the :class:`~streamer.stream.records.Chunk` row ``i`` came from and
     ``index[i]`` its position there; ``ids[i]`` its token ids; ``record_ids[i]`` the id field of
     its JSON value; ``trace[i]`` ``None`` or its ``(traceparent, tracestate)`` header bytes.
+    A row of no tokens is a tombstone (a null value passed on as a delete, ``input.on_tombstone:
+    pass``): it skips the model but keeps its place; text is never empty (decoding refuses it).
     """
 
     bound: Any  # the registry's Loaded model version every row is bound to
@@ -135,12 +140,14 @@ class Batcher:
         max_wait_ms: float,
         upstream_idle: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ordered: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
+        self.ordered = ordered
         self._upstream_idle = upstream_idle
         self._clock = clock
         self._groups: dict[Hashable, _Pending] = {}  # by model version, in first-arrival order
@@ -236,7 +243,11 @@ class Batcher:
         head = group.head(limit)
         pool = head if len(head) <= limit else head.take(slice(0, limit))
         lengths = np.maximum(pool.lengths, 1)
-        if (
+        if self.ordered:
+            k = prefix(lengths, self)
+            batch = head if k == len(head) else head.take(slice(0, k))
+            rest = None if k == len(head) else head.take(slice(k, None))
+        elif (
             len(pool) == group.rows
             and len(pool) <= self.max_batch_size
             and len(pool) * int(lengths.max()) <= self.max_batch_tokens
@@ -259,6 +270,16 @@ class Batcher:
         if not group.parts:
             del self._groups[key]
         return batch
+
+
+def prefix(lengths: np.ndarray, limits: Batcher) -> int:
+    """How many of the oldest rows (in arrival order) make the batch: the longest run whose
+    padded size (rows × its longest row) fits the token budget, at most ``max_batch_size`` rows
+    (at least one). Vectorized with a running maximum."""
+    n = min(len(lengths), limits.max_batch_size)
+    widest = np.maximum.accumulate(lengths[:n])
+    fits = np.arange(1, n + 1) * widest <= limits.max_batch_tokens
+    return int(np.flatnonzero(fits)[-1]) + 1 if fits[0] else 1
 
 
 def window(sorted_lengths: np.ndarray, p: int, limits: Batcher) -> slice:

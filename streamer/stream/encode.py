@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from streamer.config import StreamerConfig
 from streamer.kafka.publisher import OutBatch
 from streamer.models.worker import Inferred
@@ -50,8 +52,12 @@ class Encoder:
         tracing = self._tracing.enabled
         chunks, index = batch.chunks.tolist(), batch.index.tolist()
         record_ids, traces = batch.record_ids.tolist(), batch.trace.tolist()
+        tombs = set(np.flatnonzero(batch.lengths == 0).tolist())
         for j, chunk in enumerate(chunks):
             i = index[j]
+            if j in tombs:  # a delete passes through, in its place in the partition's order
+                out.result(chunk, i, None, result_headers(traces[j]) if traces[j] else [])
+                continue
             if j in failures:
                 err = failures[j]
                 out.dead_letter(chunk, i, err)

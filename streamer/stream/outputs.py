@@ -76,9 +76,10 @@ class Outputs:
             return False
         return record_size(key, value, headers) > limit
 
-    def result(self, chunk: Chunk, i: int, value: bytes, headers: Headers) -> None:
+    def result(self, chunk: Chunk, i: int, value: bytes | None, headers: Headers) -> None:
+        """A result (``value`` None: a tombstone, the input's delete passed on)."""
         key = chunk.messages[i].key
-        if self._too_large(key, value, headers):
+        if value is not None and self._too_large(key, value, headers):
             self.dead_letter(
                 chunk,
                 i,
@@ -90,7 +91,8 @@ class Outputs:
             )
             return
         assert self._dest.results is not None
-        size = len(value) + (len(key) if key else 0) + 64 + sum(len(v) + 8 for _, v in headers)
+        size = (len(value) if value else 0) + (len(key) if key else 0) + 64
+        size += sum(len(v) + 8 for _, v in headers)
         out = self._group(self._dest.results, key, False, size)
         out.keys.append(key)
         out.values.append(value)

@@ -45,7 +45,7 @@ from streamer.kafka.checkpoint import OffsetTracker
 from streamer.kafka.consumer import Consumer
 from streamer.kafka.publisher import OutBatch, Partitions, Publisher
 from streamer.models.registry import ModelRegistry
-from streamer.models.worker import InferenceWorker
+from streamer.models.worker import InferenceWorker, Inferred
 from streamer.observability.metrics import PartitionLag
 from streamer.observability.telemetry import Telemetry
 from streamer.stream.batcher import Batcher, BatcherClosed, Rows
@@ -54,7 +54,7 @@ from streamer.stream.encode import Encoder
 from streamer.stream.outputs import Destinations, Outputs
 from streamer.stream.prepare import Preparer
 from streamer.stream.records import ResultTooLarge, TopicPartition
-from streamer.stream.spans import batch_span
+from streamer.stream.spans import batch_span, send_span
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Pipeline:
             max_batch_tokens=b.max_batch_tokens,
             max_wait_ms=b.max_wait_ms,
             upstream_idle=self._upstream_idle,
+            ordered=b.order == "partition",
         )
         self.breaker = Breaker(
             cfg.breaker.window_records, cfg.breaker.failure_ratio, cfg.breaker.enabled
@@ -327,8 +328,11 @@ class Pipeline:
         finally:
             self.registry.unhold()
         self.telemetry.tokenized(prepared.tokenize_s)
+        for chunk, n in prepared.skipped.items():  # tombstones skipped: done, nothing to send
+            if self.tracker.done(chunk, n):
+                self._commit_wanted.set()
         for out in prepared.dead:
-            await self.publisher.send(out)
+            await self._send(out, None)
         for rows in prepared.rows:
             if revocations != self._revocations or self._revoking:
                 rows = self._without_revoked(rows)
@@ -389,7 +393,7 @@ class Pipeline:
             spans = [self.tracing.start_span("publish", parent=span), span]
         t0 = time.perf_counter()
         try:
-            inferred = await self.worker.infer(loaded.model, batch.ids.tolist())
+            inferred = await self._run_model(loaded.model, batch)
         except BaseException:
             self.registry.release(loaded, len(batch))
             raise
@@ -400,6 +404,23 @@ class Pipeline:
                 self.tracing.fail(inf_span, "InferenceFailed", f"{n} record(s) failed")
             inf_span.end()
         await self._encode_q.put((batch, inferred, spans))
+
+    async def _run_model(self, model: Any, batch: Rows) -> Inferred:
+        """The model on the batch's rows; tombstones (rows of no tokens, see
+        :class:`~streamer.stream.batcher.Rows`) skip it and get an empty output row."""
+        tomb = batch.lengths == 0
+        if not tomb.any():
+            return await self.worker.infer(model, batch.ids.tolist())
+        live = np.flatnonzero(~tomb)
+        if not len(live):
+            return Inferred(None, {})
+        inferred = await self.worker.infer(model, batch.ids[live].tolist())
+        outputs = None
+        if inferred.outputs is not None:
+            outputs = np.zeros((len(batch), *inferred.outputs.shape[1:]), inferred.outputs.dtype)
+            outputs[live] = inferred.outputs
+        failures = {int(live[k]): err for k, err in inferred.failures.items()}
+        return Inferred(outputs, failures)
 
     # -- encode + publish -----------------------------------------------------------------------
     async def _encode_loop(self) -> None:
@@ -413,8 +434,14 @@ class Pipeline:
                 outs = await self.worker.run_encode(self._encode, batch, inferred, dest, spans)
             finally:  # the model (its labels) is not needed past here
                 self.registry.release(batch.bound, len(batch))
+            parent = spans[0] if spans else None  # the batch's publish span
             for out in outs:
-                await self.publisher.send(out)
+                await self._send(out, parent)
+
+    async def _send(self, out: OutBatch, parent: Any) -> None:
+        if self.tracing.enabled:  # a PRODUCER span per record batch, ended on its ack
+            out.spans.append(send_span(self.tracing, out, parent))
+        await self.publisher.send(out)
 
     def _acked(self, out: OutBatch) -> None:
         """A record batch is acknowledged: its records are done (committable) and reported."""

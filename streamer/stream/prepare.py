@@ -9,7 +9,7 @@ gets back a handful of objects whatever the fetch size.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,10 @@ class Prepared:
     rows: list[Rows]  # one block per model version
     dead: list[OutBatch]
     tokenize_s: float
+    skipped: dict[Chunk, int] = field(default_factory=dict)  # tombstones with on_tombstone=skip
+
+
+_TOMBSTONE = Encoded([], False)  # a null value passed on: a row of no tokens (see Rows)
 
 
 class _Group:
@@ -43,7 +47,7 @@ class _Group:
         self.bound = bound
         self.chunks: list[Chunk] = []
         self.index: list[int] = []
-        self.texts: list[str] = []
+        self.texts: list[str | None] = []  # None: a tombstone
         self.record_ids: list[Any] = []
         self.trace: list[Any] = []
 
@@ -57,21 +61,35 @@ class Preparer:
         self._tracing = tracing
         self._group_id = cfg.kafka.group_id
         self._dlq_too_long = cfg.input.on_too_long == "dlq"
+        self._on_tombstone = cfg.input.on_tombstone
 
     def __call__(self, chunks: list[Chunk], dest: Destinations) -> Prepared:
         decode, route = self._decoder.decode, self._registry.route
         groups: dict[int, _Group] = {}
         dead = Outputs(dest)
+        skipped: dict[Chunk, int] = {}
+        tombstones = self._on_tombstone
         for chunk in chunks:
             topic = chunk.tp.topic
             for i, m in enumerate(chunk.messages):
                 headers = m.headers
-                try:
-                    text, record_id = decode(m.value)
-                    bound = route(topic, headers)
-                except RecordError as err:
-                    self._dead_letter(dead, chunk, i, err, headers)
-                    continue
+                if m.value is None and tombstones != "dlq":
+                    if tombstones == "skip":
+                        skipped[chunk] = skipped.get(chunk, 0) + 1
+                        continue
+                    text, record_id = None, None  # pass: a row of no tokens, kept in order
+                    try:
+                        bound = route(topic, headers)
+                    except RecordError as err:
+                        self._dead_letter(dead, chunk, i, err, headers)
+                        continue
+                else:
+                    try:
+                        text, record_id = decode(m.value)
+                        bound = route(topic, headers)
+                    except RecordError as err:
+                        self._dead_letter(dead, chunk, i, err, headers)
+                        continue
                 g = groups.get(id(bound))
                 if g is None:
                     g = groups[id(bound)] = _Group(bound)
@@ -83,10 +101,14 @@ class Preparer:
         rows, tokenize_s = [], 0.0
         for g in groups.values():
             t0, t0_ns = time.perf_counter(), time.time_ns()
-            encs = InferenceWorker.tokenize(g.bound.model, g.texts)
+            texts = [t for t in g.texts if t is not None]
+            encs = InferenceWorker.tokenize(g.bound.model, texts) if texts else []
+            if len(texts) < len(g.texts):  # tombstones: no tokens, their place kept
+                it = iter(encs)
+                encs = [_TOMBSTONE if t is None else next(it) for t in g.texts]
             tokenize_s += time.perf_counter() - t0
             rows.append(self._rows(g, encs, (t0_ns, time.time_ns()), dead))
-        return Prepared([r for r in rows if len(r)], dead.batches(), tokenize_s)
+        return Prepared([r for r in rows if len(r)], dead.batches(), tokenize_s, skipped)
 
     def _rows(self, g: _Group, encs: list[Any], span_ns: tuple[int, int], dead: Outputs) -> Rows:
         keep = np.ones(len(encs), bool)

@@ -84,3 +84,20 @@ def batch_span(
     if t_start:
         tracing.start_span("tokenize", parent=span, start_ns=t_start).end(end_time=t_end)
     return span
+
+
+def send_span(tracing: Tracing, out: Any, parent: Span | None) -> Span:
+    """``send {topic}``: PRODUCER, one per published record batch (results and dead letters),
+    ended when the broker acknowledges it."""
+    attrs: dict[str, Any] = {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": out.topic,
+        "messaging.destination.partition.id": str(out.partition),
+        "messaging.batch.message_count": len(out),
+        "streamer.dead_letters": bool(out.dead_letters),
+    }
+    return tracing.start_span(
+        f"send {out.topic}", kind=SpanKind.PRODUCER, parent=parent, attributes=attrs
+    )

@@ -135,6 +135,21 @@ async def test_spans_follow_messaging_conventions_and_continue_the_trace(
     assert bad.status.code == bad.status.STATUS_CODE_ERROR
     assert attrs(bad)["error.type"] == "InvalidJson"
 
+    # a PRODUCER span per published record batch, results and the dead letter alike
+    sends = [s for s in spans if s.name.startswith("send ")]
+    assert {s.name for s in sends} == {f"send {topic}.out", f"send {topic}.dlq"}
+    for s in sends:
+        a = attrs(s)
+        assert s.kind == PbSpan.SPAN_KIND_PRODUCER
+        assert a["messaging.system"] == "kafka" and a["messaging.operation.type"] == "send"
+        assert a["messaging.destination.name"] == s.name.removeprefix("send ")
+        assert a["messaging.batch.message_count"] >= 1
+        assert a["streamer.dead_letters"] == s.name.endswith(".dlq")
+    publish_ids = {s.span_id for s in spans if s.name == "publish"}
+    result_sends = [s for s in sends if s.name.endswith(".out")]
+    assert all(s.parent_span_id in publish_ids for s in result_sends)
+    assert sum(attrs(s)["messaging.batch.message_count"] for s in result_sends) == 4
+
     # each result's traceparent is its record span: same trace, that span's id
     for m in results:
         offset = orjson.loads(m.value)["source"]["offset"]
@@ -236,3 +251,42 @@ async def test_otlp_grpc_export(
     finally:
         await server.stop(None)
     assert f"process {topic}" in received and "inference" in received
+
+
+@pytest.mark.parametrize(
+    ("env", "otlp", "console"),
+    [
+        (
+            {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318"},
+            False,
+            False,
+        ),
+        ({"OTEL_TRACES_EXPORTER": "console"}, False, True),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp,console",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318",
+            },
+            True,
+            True,
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318"}, True, False),
+        ({}, False, False),
+    ],
+)
+def test_otel_traces_exporter_values_are_honoured(env: dict, otlp: bool, console: bool) -> None:
+    from streamer.config import TracingConfig
+    from streamer.observability.tracing import Tracing
+
+    t = Tracing(TracingConfig(), env=env)
+    assert (t.otlp, t.console, t.enabled) == (otlp, console, otlp or console)
+    if console:
+        assert "console" in t.describe()
+
+
+def test_an_unknown_traces_exporter_is_refused() -> None:
+    from streamer.config import TracingConfig
+    from streamer.observability.tracing import Tracing
+
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER=zipkin"):
+        Tracing(TracingConfig(), env={"OTEL_TRACES_EXPORTER": "zipkin"})

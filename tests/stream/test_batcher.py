@@ -360,3 +360,31 @@ async def test_never_mixes_models() -> None:
     assert [(r.bound.name, len(r)) for r in rest] == [("b", 3)]
     for r in [batch, *rest]:
         assert {owner[rid] for rid in ids_of(r)} == {r.bound}  # one model per batch
+
+
+async def test_ordered_batches_are_runs_of_the_oldest_in_arrival_order() -> None:
+    """batching.order: partition — no length grouping: a batch is the longest run of the oldest
+    rows that fits the budget, so rows leave in the order they came."""
+    b = make(max_batch_size=4, max_batch_tokens=40, ordered=True)
+    b.put(rows([3, 30, 2, 2, 9, 1, 1]))
+    first = await b.next_batch()
+    assert first.lengths.tolist() == [3]  # 2 x 30 > 40: the long one goes next, alone
+    b.close()
+    rest = await drain_async(b)
+    assert [x.lengths.tolist() for x in rest] == [[30], [2, 2, 9, 1], [1]]
+    order = [*ids_of(first), *(i for x in rest for i in ids_of(x))]
+    assert order == sorted(order, key=lambda s: int(s.split("-")[1]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_ordered_never_reorders_and_respects_the_limits(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    b = make(max_batch_size=5, max_batch_tokens=64, ordered=True)
+    for _ in range(6):
+        b.put(rows(rng.integers(1, 40, size=int(rng.integers(1, 9))).tolist()))
+    seen = []
+    for batch in await drain_async(b):
+        assert 1 <= len(batch) <= 5
+        assert len(batch) == 1 or len(batch) * int(batch.lengths.max()) <= 64
+        seen += ids_of(batch)
+    assert seen == sorted(seen, key=lambda s: int(s.split("-")[1]))

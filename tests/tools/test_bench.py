@@ -278,10 +278,12 @@ def test_table_has_every_new_row_and_target() -> None:
             }
             for m, n, rate in [("torch-fp32", 1, 900.0), ("torch-fp32", 2, 1800.0)]
         },
+        "order": {"none": _e2e(1200.0, 12.0)},
         "skipped": {"openvino-fp32": "CPU only"},
         "failed": {"low-load": "TimeoutError: x"},
     }
     rows = {row[0]: row for row in _rows(results)}
+    assert rows["streamer torch-fp32 order=none"][6] == "1.25×"  # over the ordered fp32 row
     assert rows["streamer torch-fp32 ×2 proc"][1] == "1800.0"
     assert "2.00× one process" in rows["streamer torch-fp32 ×2 proc"][-1]
     assert rows["offline torch-fp32 cold"][1] == "800.0"
