@@ -6,7 +6,8 @@
   half weights (on CUDA, and bfloat16 on CPUs that have it);
 * ``torch`` + ``int8`` — :class:`TorchInt8Model`: dynamic int8 quantization of the encoder's
   linear layers (``torch.ao.quantization.quantize_dynamic``), CPU only;
-* ``onnxruntime`` — :class:`OnnxRuntimeModel`: the model, pooling, normalisation and softmax
+* ``onnxruntime`` — :class:`OnnxRuntimeModel`: the model and its head (pooling, a
+  sentence-transformers folder's Dense layers, normalisation) or softmax
   exported once with ``torch.onnx.export`` (dynamic batch and sequence axes), cached on disk,
   optionally int8-quantized by ``onnxruntime.quantization.quantize_dynamic``, run by an
   ``InferenceSession``;
@@ -30,9 +31,10 @@ Measured on MiniLM (2-core CPU, 2,000 sentences): worst-row cosine to float32 0.
 and 0.998 (onnxruntime), at 1.9x and 2.8x float32 torch's throughput offline (with
 plain dynamic quantization: 0.86). ``bench`` reports each backend's agreement next to its speed.
 
-The ONNX export is keyed by the model's fingerprint, task, pooling, normalisation, quantize
-and max_length (and the export recipe), written to a temporary directory and renamed into
-place, so replicas sharing a cache never read half a file and a changed model re-exports.
+The ONNX export is keyed by the model's fingerprint, task, head (pooling, Dense, normalisation,
+prompt tokens skipped), quantize and max_length (and the export recipe), written to a temporary
+directory and renamed into place, so replicas sharing a cache never read half a file and a
+changed model re-exports.
 """
 
 from __future__ import annotations
@@ -223,14 +225,19 @@ class TorchInt8Model(HFTextModel):
 
 
 # -- ONNX export ----------------------------------------------------------------------------------
-def _export_module(model: Any, cfg: ModelConfig, token_type_ids: bool) -> Any:
-    """The model plus what HFTextModel.forward does after it, as one exportable module."""
+def _export_module(model: Any, cfg: ModelConfig, token_type_ids: bool, head: Any) -> Any:
+    """The model plus what HFTextModel.forward does after it, as one exportable module.
+
+    ``head`` is HFTextModel's own embedding head (sentence-transformers pooling, Dense layers,
+    normalisation), so the export computes exactly what the torch backend does.
+    """
     import torch
 
     class Exported(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.head = head
 
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -239,15 +246,7 @@ def _export_module(model: Any, cfg: ModelConfig, token_type_ids: bool) -> Any:
             out = self.model(**kwargs)
             if cfg.task == "text-classification":
                 return torch.softmax(out.logits.float(), dim=-1)
-            hidden = out.last_hidden_state
-            if cfg.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
-            if cfg.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            return pooled
+            return self.head(out.last_hidden_state, attention_mask)
 
     return Exported().eval()
 
@@ -279,8 +278,7 @@ class _ExportedModel(HFTextModel):
         parts = (
             self.info.fingerprint,
             cfg.task,
-            cfg.pooling,
-            str(cfg.normalize),
+            self.head.describe(self.prompt_tokens) if self.head is not None else "",
             cfg.quantize,
             str(self.max_length),
             EXPORT_RECIPE,
@@ -328,7 +326,7 @@ class _ExportedModel(HFTextModel):
                 smooth_for_int8(
                     model, int8_layer_names(model), lambda: [self.forward(b) for b in batches]
                 )
-            module = _export_module(model, self.cfg, self._accepts_token_type_ids)
+            module = _export_module(model, self.cfg, self._accepts_token_type_ids, self._head)
             ids = torch.full((2, 8), self._pad_id + 1, dtype=torch.long)
             mask = torch.ones_like(ids)
             dyn = torch.export.Dim.DYNAMIC

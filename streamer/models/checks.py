@@ -30,6 +30,10 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 CONFIG_FILES = ("config.json",)
+# A sentence-transformers folder's pipeline (pooling, Dense, normalisation, prompts) shapes the
+# embeddings too: these, and the config and weight files of each module folder it lists.
+SBERT_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+SBERT_MODULE_SUFFIXES = (".json", *WEIGHT_SUFFIXES)
 # Weight formats torch reads through pickle, which can run arbitrary code while loading.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 
@@ -51,10 +55,11 @@ class ModelFiles:
     weights: list[Path] = field(default_factory=list)
     config: list[Path] = field(default_factory=list)
     tokenizer: list[Path] = field(default_factory=list)
+    modules: list[Path] = field(default_factory=list)  # sentence-transformers files
     hashes: dict[str, str] = field(default_factory=dict)  # relative name -> sha256 hex
 
     def all(self) -> list[Path]:
-        return sorted(self.weights + self.config + self.tokenizer)
+        return sorted(self.weights + self.config + self.tokenizer + self.modules)
 
     def rel(self, p: Path) -> str:
         return str(p.relative_to(self.root))
@@ -88,6 +93,9 @@ def scan(root: Path) -> ModelFiles:
             files.config.append(p)
         elif p.name in TOKENIZER_FILES:
             files.tokenizer.append(p)
+        elif p.name in SBERT_FILES:
+            files.modules.append(p)
+    files.modules += _sbert_module_files(root)
     if not files.weights:
         raise ModelCheckError(
             f"{root}: no weight files ({', '.join(WEIGHT_SUFFIXES)}); is this the model directory?"
@@ -97,6 +105,26 @@ def scan(root: Path) -> ModelFiles:
     for p in files.all():
         files.hashes[files.rel(p)] = sha256_file(p)
     return files
+
+
+def _sbert_module_files(root: Path) -> list[Path]:
+    """Files of the module folders ``modules.json`` lists (unreadable: none; loading says why)."""
+    try:
+        entries = json.loads((root / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    found: list[Path] = []
+    for entry in entries if isinstance(entries, list) else []:
+        sub = str(entry.get("path") or "") if isinstance(entry, dict) else ""
+        directory = (root / sub).resolve()
+        if not sub or not directory.is_dir() or not directory.is_relative_to(root.resolve()):
+            continue
+        found += [
+            root / sub / p.name
+            for p in sorted(directory.iterdir())
+            if p.is_file() and p.name.endswith(SBERT_MODULE_SUFFIXES)
+        ]
+    return found
 
 
 def weights_format(root: Path) -> tuple[str, list[str]]:

@@ -4,6 +4,11 @@
 backend's ``encode_batch`` without padding (padding happens once per batch, vectorised, into
 preallocated buffers, in :meth:`HFTextModel.pad`), so token counts are known before batching.
 
+For feature extraction the encoder's output goes through a small head
+(:mod:`streamer.models.sbert`): the pooling, Dense layers and normalisation that a
+sentence-transformers folder declares in ``modules.json`` (else ``model.pooling`` and
+``model.normalize``), on the device, inside the same CUDA graphs and ONNX exports as the encoder.
+
 On CUDA batches are padded to a small ladder of shapes (:mod:`streamer.models.shapes`), every
 shape is warmed before the consumer joins, and each is replayed as a CUDA graph: a small encoder
 is bound by kernel launches there, and each new shape costs tens of milliseconds the first time.
@@ -37,6 +42,17 @@ from streamer.models.checks import (
     raise_on_errors,
     scan,
     verify_pins,
+)
+from streamer.models.sbert import (
+    Head,
+    Pipeline,
+    build_head,
+    check_dense_weights,
+    lowercasing,
+    prompt_token_count,
+    read_pipeline,
+    resolve,
+    warn_override,
 )
 from streamer.models.shapes import (
     CUDA_WIDTH_MULTIPLE,
@@ -171,6 +187,12 @@ class HFTextModel:
         self._buffers: tuple[Any, Any] | None = None
         self._views: tuple[Any, Any] = (None, None)
         self._model: Any = None
+        self.sbert: Pipeline | None = None  # the folder's sentence-transformers pipeline
+        self.head: Head | None = None  # what runs after the encoder (feature extraction)
+        self._head: Any = None  # ... as a torch module on the device
+        self._prefix = ""  # prepended to every text (model.prompt / prompt_name)
+        self.prompt_tokens = 0  # tokens the prefix adds (pooling skips them: include_prompt)
+        self.embedding_dim: int | None = None
         # Exact shapes until load() knows the device (and warmup() the batch size).
         self._ladder_device = "cpu"
         self.ladder = ShapeLadder(cfg.max_length, cfg.width_multiple or 1)
@@ -198,6 +220,17 @@ class HFTextModel:
         verify_pins(self.files, cfg.pins, cfg.ref)
         # Pickle weights can run code when unpickled: refused unless model.allow_pickle.
         self.weights_format = check_weights_format(path, cfg.allow_pickle, cfg.ref)
+        # A sentence-transformers folder's own pooling/Dense/Normalize (its Dense weights under
+        # the same pickle policy), resolved against the keys now: a bad prompt fails fast.
+        if cfg.task == "feature-extraction":
+            self.sbert = read_pipeline(path, cfg.ref)
+            check_dense_weights(self.sbert, cfg.allow_pickle, cfg.ref)
+            self.head = resolve(cfg, self.sbert)
+            self._prefix = self.head.prompt
+        else:
+            if (path / "modules.json").is_file():
+                log.info("model %s: text-classification ignores modules.json", cfg.ref)
+            self._prefix = cfg.prompt or ""
         self.timings.phases["fingerprint"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -248,7 +281,11 @@ class HFTextModel:
         model.eval()
         self.timings.phases["weights"] = time.perf_counter() - t
 
-        self.findings = check_compat(tok, model, cfg)
+        checked = cfg
+        if self.head is not None:  # the pooling actually served (the folder's or the key's)
+            pooling = "cls" if "cls" in self.head.pooling else self.head.pooling[0]
+            checked = cfg.model_copy(update={"pooling": pooling})
+        self.findings = check_compat(tok, model, checked)
         for f in self.findings:
             if f.level == "warning":
                 log.warning("model %s: %s: %s", cfg.ref, f.check, f.message)
@@ -268,11 +305,23 @@ class HFTextModel:
         if max_pos:
             # RoBERTa-style models reserve positions for the padding offset.
             limits.append(max_pos - (2 if mcfg.model_type in {"roberta", "xlm-roberta"} else 0))
-        if tok.model_max_length and tok.model_max_length < 1_000_000:
-            limits.append(tok.model_max_length)
+        folder_max = self.sbert.max_seq_length if self.sbert else None
+        explicit = "max_length" in cfg.model_fields_set
+        if folder_max is None:
+            if tok.model_max_length and tok.model_max_length < 1_000_000:
+                limits.append(tok.model_max_length)
+        elif not explicit:
+            # sentence-transformers truncates at max_seq_length instead of the tokenizer's limit.
+            limits.append(folder_max)
         self.max_length = min(limits)
+        if explicit and folder_max is not None and self.max_length > folder_max:
+            where = "sentence_bert_config.json max_seq_length"
+            warn_override(cfg.ref, "model.max_length", folder_max, self.max_length, where)
         if self.max_length < cfg.max_length:
-            log.warning(
+            # Unset on a sentence-transformers folder: its own limit is the intended one.
+            quiet = not explicit and self.sbert is not None
+            log.log(
+                logging.INFO if quiet else logging.WARNING,
                 "model.max_length=%d is above what %s supports; using %d",
                 cfg.max_length,
                 path,
@@ -281,6 +330,22 @@ class HFTextModel:
         backend = copy.deepcopy(backend)
         backend.no_padding()
         backend.enable_truncation(self.max_length)
+        if self.head is not None:
+            if self.head.do_lower_case:
+                backend = lowercasing(backend)
+            self.prompt_tokens = prompt_token_count(backend, self.head.prompt)
+            hidden_size = getattr(mcfg, "hidden_size", None) or (
+                model.get_input_embeddings().embedding_dim
+            )
+            module, self.embedding_dim = build_head(
+                self.head,
+                hidden_size=int(hidden_size),
+                prompt_length=self.prompt_tokens,
+                allow_pickle=cfg.allow_pickle,
+                ref=cfg.ref,
+                pipeline=self.sbert,
+            )
+            self._head = module.to(self.device)
         self._backend = backend
         self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self._accepts_token_type_ids = "token_type_ids" in tok.model_input_names
@@ -303,6 +368,8 @@ class HFTextModel:
 
     # -- stages -------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> list[Encoded]:
+        if self._prefix:
+            texts = [self._prefix + t for t in texts]
         encs = self._backend.encode_batch(texts)
         return [Encoded(e.ids, bool(e.overflowing)) for e in encs]
 
@@ -367,7 +434,7 @@ class HFTextModel:
         return ids, mask
 
     def _compute(self, input_ids: Any, attention: Any) -> Any:
-        """Model + pooling/normalisation (or softmax) on device tensors: float32, a row each.
+        """Model + head (pooling, Dense, normalisation) or softmax on device tensors: float32.
 
         Nothing in here waits for the device, so the same code is captured into CUDA graphs.
         """
@@ -378,15 +445,7 @@ class HFTextModel:
         out = self._model(**kwargs)
         if self.cfg.task == "text-classification":
             return torch.softmax(out.logits.float(), dim=-1)
-        hidden = out.last_hidden_state
-        if self.cfg.pooling == "cls":
-            pooled = hidden[:, 0].float()
-        else:
-            m = attention.unsqueeze(-1).to(hidden.dtype)
-            pooled = ((hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).float()
-        if self.cfg.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled
+        return self._head(out.last_hidden_state, attention)
 
     def _eager(self, ids_t: Any, mask_t: Any, n: int) -> np.ndarray:
         """The plain forward of padded host tensors: the first ``n`` rows, float32."""

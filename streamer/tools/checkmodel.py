@@ -16,7 +16,7 @@ STYLE = {"ok": "green", "warning": "yellow", "error": "red"}
 
 
 def run_check_model(
-    path: Path, task: str, max_length: int, device: str, allow_pickle: bool = False
+    path: Path, task: str, max_length: int | None, device: str, allow_pickle: bool = False
 ) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)  # full hashes in logs too
     try:
@@ -31,6 +31,7 @@ def run_check_model(
         ("weights", files.weights),
         ("config", files.config),
         ("tokenizer", files.tokenizer),
+        ("sentence-transformers", files.modules),
     ):
         for p in group:
             files_table.add_row(
@@ -59,8 +60,10 @@ def run_check_model(
 
     from streamer.models.hf import HFTextModel
 
+    # max_length only when given: unset, a sentence-transformers folder's max_seq_length caps it.
+    given = {"max_length": max_length} if max_length is not None else {}
     cfg = ModelConfig(  # type: ignore[arg-type]
-        path=path, task=task, max_length=max_length, device=device, allow_pickle=allow_pickle
+        path=path, task=task, device=device, allow_pickle=allow_pickle, **given
     )
     model = HFTextModel(cfg)
     t = time.perf_counter()
@@ -87,6 +90,15 @@ def run_check_model(
     tok = model._backend
     facts.add_row("tokenizer", f"{type(tok.model).__name__}, {tok.get_vocab_size()} tokens")
     console.print(facts)
+
+    if task == "feature-extraction":
+        from streamer.models.sbert import summary
+
+        pipeline = Table(title="sentence-transformers pipeline", show_header=False)
+        for key, value in summary(model.sbert, model.head):
+            pipeline.add_row(key, value)
+        pipeline.add_row("embedding size", str(model.embedding_dim))
+        console.print(pipeline)
 
     checks = Table(title="checks")
     for col in ("check", "result", "detail"):
