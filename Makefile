@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench soak chaos clean
+.PHONY: install demo test lint bench soak chaos rules clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ soak: $(STAMP)
 # rounds (bench/chaos.json); the short form runs inside `make test`
 chaos: $(STAMP)
 	$(BIN)/streamer chaos
+
+# Alert rules: write the PrometheusRule from monitoring/prometheus/streamer-rules.yaml, then check
+# and unit-test the rules with promtool (Debian package `prometheus`; .ci/system-deps installs it)
+rules: $(STAMP)
+	$(BIN)/python monitoring/sync_rules.py
+	cd monitoring/prometheus && promtool check rules streamer-rules.yaml && promtool test rules streamer-rules.test.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

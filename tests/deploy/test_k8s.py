@@ -3,10 +3,12 @@
 Each of the base and the ``cpu`` / ``gpu`` overlays is rendered; every built-in resource validates
 against the Kubernetes schemas of a pinned version (``kubernetes-validate``, strict: unknown fields
 fail), the KEDA resources against KEDA's own CRD schemas (vendored in ``tests/deploy/keda``), the
-ServiceMonitor structurally. Then the rendered objects are held against the service: the config a
-pod would see (the ConfigMap plus the container's environment) loads with the project's loader,
-the ScaledObject scales the group and topic that config consumes, and the probes, Service and
-ServiceMonitor use the port and paths the service serves.
+ServiceMonitor and PrometheusRule against the Prometheus Operator's (``tests/deploy/prometheus-
+operator``). Then the rendered objects are held against the service: the config a pod would see
+(the ConfigMap plus the container's environment) loads with the project's loader, the ScaledObject
+scales the group and topic that config consumes, the probes, Service, ServiceMonitor and
+NetworkPolicy use the port and paths the service serves and the brokers it talks to. Labels follow
+Kubernetes' recommended ones, and two installs in one namespace select only their own pods.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KEDA_CRDS = Path(__file__).resolve().parent / "keda"  # vendored: see its README.md
 KEDA_README = KEDA_CRDS / "README.md"
+PROMETHEUS_CRDS = Path(__file__).resolve().parent / "prometheus-operator"  # vendored, README.md
 
 KUBERNETES_VERSION = "1.31"
 TARGETS = ["base", "overlays/cpu", "overlays/gpu"]
@@ -42,16 +45,24 @@ CRD_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("keda.sh/v1alpha1", "TriggerAuthentication"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
-EXPECTED_KINDS = {
+BASE_KINDS = {
     "Deployment",
     "ConfigMap",
     "Service",
     "ServiceAccount",
     "PodDisruptionBudget",
-    "ServiceMonitor",
+    "NetworkPolicy",
     "ScaledObject",
     "TriggerAuthentication",
+}
+# The overlays add k8s/components/monitoring (Prometheus Operator).
+MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}
+EXPECTED_KINDS = {
+    "base": BASE_KINDS,
+    "overlays/cpu": BASE_KINDS | MONITORING_KINDS,
+    "overlays/gpu": BASE_KINDS | MONITORING_KINDS,
 }
 # The contract of the service's HTTP server (http.port).
 READY_PATH, LIVE_PATH, METRICS_PATH = "/readyz", "/healthz", "/metrics"
@@ -217,7 +228,7 @@ def effective_config(
 @pytest.mark.parametrize("target", TARGETS)
 def test_renders_with_every_resource(target: str) -> None:
     docs = rendered(target)
-    assert {d["kind"] for d in docs} == EXPECTED_KINDS
+    assert {d["kind"] for d in docs} == EXPECTED_KINDS[target]
     names = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert len(names) == len(set(names)), names
 
@@ -253,17 +264,43 @@ def _strict(schema: Any) -> Any:
 
 
 @cache
-def keda_schema(api_version: str, kind: str) -> dict[str, Any]:
-    if not KEDA_CRDS.is_dir():
-        pytest.fail(f"KEDA's CRDs are expected in {KEDA_CRDS} (vendored with the tests)")
+def crd_schema(directory: Path, api_version: str, kind: str) -> dict[str, Any]:
+    if not directory.is_dir():
+        pytest.fail(f"the CRDs are expected in {directory} (vendored with the tests)")
     group, _, version = api_version.partition("/")
-    for path in sorted(KEDA_CRDS.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         crd = yaml.safe_load(path.read_text())
         if crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind:
             for v in crd["spec"]["versions"]:
                 if v["name"] == version and v.get("served", True):
                     return _strict(v["schema"]["openAPIV3Schema"])
-    raise AssertionError(f"no CRD in {KEDA_CRDS} serves {kind} {api_version}")
+    raise AssertionError(f"no CRD in {directory} serves {kind} {api_version}")
+
+
+def keda_schema(api_version: str, kind: str) -> dict[str, Any]:
+    return crd_schema(KEDA_CRDS, api_version, kind)
+
+
+def _crd_errors(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    return [
+        f"{doc['kind']} {'.'.join(map(str, e.path))}: {e.message}"
+        for e in jsonschema.Draft7Validator(schema).iter_errors(doc)
+    ]
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_monitoring_resources_validate_against_the_prometheus_operator_crds(target: str) -> None:
+    docs = [d for d in rendered(target) if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert {d["kind"] for d in docs} == MONITORING_KINDS
+    for doc in docs:
+        schema = crd_schema(PROMETHEUS_CRDS, doc["apiVersion"], doc["kind"])
+        errors = _crd_errors(doc, schema)
+        assert not errors, "\n".join(errors)
+    # the check is not vacuous: a misspelt field fails it
+    monitor = copy.deepcopy(one(docs, "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["intervall"] = "30s"
+    schema = crd_schema(PROMETHEUS_CRDS, monitor["apiVersion"], "ServiceMonitor")
+    assert _crd_errors(monitor, schema)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -484,12 +521,13 @@ def test_probes_use_the_service_port_and_paths(
     target_port = svc_port["targetPort"]
     assert (ports[target_port] if isinstance(target_port, str) else target_port) == cfg.http.port
 
-    monitor = one(docs, "ServiceMonitor")
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] == svc_port["name"]
-    assert endpoint.get("path", "/metrics") == METRICS_PATH
+    if target in OVERLAYS:
+        monitor = one(docs, "ServiceMonitor")
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == svc_port["name"]
+        assert endpoint.get("path", "/metrics") == METRICS_PATH
 
 
 def test_the_service_still_serves_the_probed_paths() -> None:
@@ -605,3 +643,211 @@ def test_name_prefix_and_model_volume_keep_references_whole(tmp_path: Path) -> N
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+# --- labels, several installs in one namespace ---------------------------------------------------
+
+NAME, INSTANCE, VERSION = (f"app.kubernetes.io/{k}" for k in ("name", "instance", "version"))
+
+
+def selectors(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, str]]]:
+    """(where, matchLabels) of every pod selector in an install."""
+    out = []
+    for doc in docs:
+        kind, spec = doc["kind"], doc.get("spec", {})
+        where = f"{kind}/{doc['metadata']['name']}"
+        if kind == "Deployment":
+            out.append((where, spec["selector"]["matchLabels"]))
+            for c in spec["template"]["spec"].get("topologySpreadConstraints", []):
+                out.append((f"{where} topology spread", c["labelSelector"]["matchLabels"]))
+        elif kind == "Service":
+            out.append((where, spec["selector"]))
+        elif kind in ("PodDisruptionBudget", "ServiceMonitor"):
+            out.append((where, spec["selector"]["matchLabels"]))
+        elif kind == "NetworkPolicy":
+            out.append((where, spec["podSelector"]["matchLabels"]))
+    return out
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_recommended_labels_and_selectors_by_instance(target: str) -> None:
+    from streamer import __version__
+
+    docs = rendered(target)
+    for doc in docs:
+        labels = doc["metadata"].get("labels", {})
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        assert labels.get(INSTANCE) == "streamer", where
+        assert labels.get(VERSION) == __version__, where
+        assert labels.get("app.kubernetes.io/part-of") == "streamer", where
+    pod = pod_labels(docs)
+    assert pod[NAME] == "streamer" and pod[INSTANCE] == "streamer"
+    assert pod[VERSION] == __version__
+    found = selectors(docs)
+    assert len(found) >= (7 if target in OVERLAYS else 6), found
+    for where, selector in found:
+        assert selector.get(NAME) == "streamer", where
+        assert selector.get(INSTANCE) == pod[INSTANCE], f"{where} does not select by instance"
+        assert VERSION not in selector, f"{where}: a version in a selector breaks upgrades"
+        assert selects(selector, pod), where
+    if target in OVERLAYS:
+        tag = container(docs)["image"].rsplit(":", 1)[1]
+        assert tag.startswith(f"{__version__}-"), f"image tag {tag} is not version {__version__}"
+
+
+def install(tmp_path: Path, overlay: str, suffix: str) -> list[dict[str, Any]]:
+    """An install of ``overlay`` as docs/deploy.md shows it: own names, own instance label."""
+    d = tmp_path / suffix
+    d.mkdir()
+    (d / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "nameSuffix": f"-{suffix}",
+                "resources": [os.path.relpath(K8S / overlay, d)],
+                "labels": [
+                    {"pairs": {INSTANCE: f"streamer-{suffix}"}, "includeSelectors": True},
+                ],
+            }
+        )
+    )
+    return kustomize(d)
+
+
+def test_two_installs_share_a_namespace_without_selecting_each_other(tmp_path: Path) -> None:
+    cpu = install(tmp_path, "overlays/cpu", "cpu")
+    gpu = install(tmp_path, "overlays/gpu", "gpu")
+    names = [(d["kind"], d["metadata"]["name"]) for d in cpu + gpu]
+    assert len(names) == len(set(names)), f"name clash: {sorted(names)}"
+    for mine, other in ((cpu, gpu), (gpu, cpu)):
+        for where, selector in selectors(mine):
+            assert selects(selector, pod_labels(mine)), where
+            assert not selects(selector, pod_labels(other)), f"{where} selects the other's pods"
+        own = {(d["kind"], d["metadata"]["name"]) for d in mine}
+        scaled = one(mine, "ScaledObject")["spec"]
+        assert ("Deployment", scaled["scaleTargetRef"]["name"]) in own
+        auth = scaled["triggers"][0]["authenticationRef"]["name"]
+        assert ("TriggerAuthentication", auth) in own
+        assert ("ConfigMap", config_map_name(mine)) in own
+        monitor = one(mine, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+        assert selects(monitor, one(mine, "Service")["metadata"]["labels"])
+        assert not selects(monitor, one(other, "Service")["metadata"]["labels"])
+        # the DNS rule names kube-dns only: the install's selector labels did not leak into it
+        dns = one(mine, "NetworkPolicy")["spec"]["egress"][0]["to"][0]["podSelector"]
+        assert "matchLabels" not in dns
+        for doc in mine:
+            if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+                kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_docs_show_the_install_the_test_builds() -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("### Several installs in one namespace", 1)[1].split("\n## ", 1)[0]
+    snippet = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+    assert snippet["nameSuffix"].startswith("-")
+    (label,) = snippet["labels"]
+    assert set(label["pairs"]) == {INSTANCE} and label["includeSelectors"] is True
+
+
+# --- network policy --------------------------------------------------------------------------
+
+
+def _ports(rule: dict[str, Any]) -> set[tuple[str, Any]]:
+    return {(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_network_policy_allows_what_the_service_needs(
+    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_dir: Path
+) -> None:
+    docs = rendered(target)
+    cfg = effective_config(docs, tmp_path, monkeypatch, model_dir)
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], pod_labels(docs))
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+
+    # in: the HTTP port only (probes, /metrics), by the container port's name or number
+    ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
+    (ingress,) = policy["ingress"]
+    allowed = {ports.get(port, port) for _, port in _ports(ingress)}
+    assert allowed == {cfg.http.port}
+
+    egress = policy["egress"]
+    # DNS, UDP and TCP, to the cluster resolver
+    dns = [r for r in egress if ("UDP", 53) in _ports(r)]
+    assert dns and ("TCP", 53) in _ports(dns[0])
+    (peer,) = dns[0]["to"]
+    system = {"kubernetes.io/metadata.name": "kube-system"}
+    assert peer["namespaceSelector"]["matchLabels"] == system
+    # every bootstrap server's port, to the namespace of its cluster-local name
+    for server in cfg.kafka.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        rules = [r for r in egress if ("TCP", int(port)) in _ports(r)]
+        assert rules, f"no egress to Kafka at {server}"
+        if host.endswith(".svc.cluster.local") or host.endswith(".svc"):
+            namespace = host.split(".")[1]
+            peers = [p for r in rules for p in r["to"]]
+            assert any(
+                p.get("namespaceSelector", {}).get("matchLabels", {})
+                == {"kubernetes.io/metadata.name": namespace}
+                for p in peers
+            ), f"Kafka's namespace {namespace} is not allowed"
+    # OTLP to a collector, gRPC and HTTP (docs/deploy.md, "Traces")
+    otlp = {port for r in egress for _, port in _ports(r)}
+    assert {4317, 4318} <= otlp
+    assert len(egress) == 3, "egress beyond DNS, Kafka and OTLP"
+
+
+# --- the config and its ConfigMap -------------------------------------------------------------
+
+
+def config_map_name(docs: list[dict[str, Any]]) -> str:
+    """The ConfigMap mounted as the volume `config` (the --config file's directory)."""
+    (volume,) = [v for v in pod_spec(docs)["volumes"] if v["name"] == "config"]
+    return volume["configMap"]["name"]
+
+
+def _copy_k8s(tmp_path: Path) -> Path:
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_root)
+    return copy_root
+
+
+def test_an_edited_config_rolls_the_pods(tmp_path: Path) -> None:
+    """The generated ConfigMap's name carries a hash of streamer.yaml: an edit is a new ConfigMap
+    and a changed pod template, so applying it rolls the pods (what docs/deploy.md says)."""
+    copy_root = _copy_k8s(tmp_path)
+    before = kustomize(copy_root / "overlays/cpu")
+    config = copy_root / "base" / "streamer.yaml"
+    config.write_text(config.read_text().replace('version: "1"', 'version: "2"'))
+    after = kustomize(copy_root / "overlays/cpu")
+    name_before = config_map_name(before)
+    name_after = config_map_name(after)
+    assert name_before.startswith("streamer-config-") and name_before != name_after
+    template_before = one(before, "Deployment")["spec"]["template"]
+    assert template_before != one(after, "Deployment")["spec"]["template"]
+    assert 'version: "2"' in config_file(after)[1]
+
+
+def test_deploy_docs_describe_the_configmap_as_it_behaves(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert "update the ConfigMap and send `SIGHUP`" not in text
+    swap = text.split("### Rolling a new model version", 1)[1].split("\n## ", 1)[0]
+    assert "rolls the pods" in swap
+    assert "disableNameSuffixHash" in swap
+    # The documented alternative renders as described: a fixed name the pods keep mounting, so
+    # an edit reaches them in place (then SIGHUP or /admin/reload) instead of a rollout.
+    snippet = yaml.safe_load(swap.split("```yaml", 1)[1].split("```", 1)[0])
+    copy_root = _copy_k8s(tmp_path)
+    base = copy_root / "base" / "kustomization.yaml"
+    kustomization = yaml.safe_load(base.read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    generator.update(snippet["configMapGenerator"][0])
+    base.write_text(yaml.safe_dump(kustomization))
+    docs = kustomize(copy_root / "overlays/cpu")
+    assert config_map_name(docs) == "streamer-config"
+    config_file(docs)
+    # mounted as a directory, not with subPath (a subPath mount never sees an update)
+    mount = next(m for m in container(docs)["volumeMounts"] if m["name"] == "config")
+    assert "subPath" not in mount
