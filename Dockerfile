@@ -58,22 +58,33 @@ RUN mkdir -p /models \
 # The project and its dependencies (torch is already satisfied, so the variant stays as chosen).
 # README.md stays out: the package's long description is of no use inside the image.
 # EXTRAS: optional backends, e.g. "onnx" or "onnx,openvino" (model.backend), or "mlflow".
-# (DL3013 below: this is the local project; its dependencies are ranged in pyproject.toml.)
+# requirements.lock pins every runtime dependency (and those of every extra) to the versions
+# tested: `-c` makes the image reproducible; it installs nothing by itself. Regenerate it with
+# `python -m streamer.tools.lockfile > requirements.lock` after changing pyproject.toml.
+# (DL3013 below: this is the local project; its dependencies are pinned by the lock.)
 ARG EXTRAS=""
 WORKDIR /src
-COPY pyproject.toml ./
+COPY requirements.lock pyproject.toml ./
 COPY streamer/ streamer/
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
+RUN pip install --no-cache-dir -c requirements.lock ".${EXTRAS:+[$EXTRAS]}" \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 
 ARG TORCH_VARIANT=cpu
+# OCI labels: pass the commit and the repository when building, e.g.
+#   --build-arg REVISION="$(git rev-parse HEAD)" --build-arg SOURCE_URL=https://git.example/streamer
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE_URL=unknown
 LABEL org.opencontainers.image.title="streamer" \
       org.opencontainers.image.description="Kafka-native streaming inference for Hugging Face models" \
       org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
       io.streamer.torch-variant="${TORCH_VARIANT}"
 
 # A fixed non-root uid/gid, so that Kubernetes' runAsNonRoot can check it (k8s/base uses 10001).
