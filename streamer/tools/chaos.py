@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import yaml
@@ -102,7 +102,10 @@ class Outcome:
 class Member:
     """One ``streamer run`` process of the group, restartable, with its own metrics port."""
 
+    everyone: ClassVar[list[Member]] = []  # killed when a run ends, however it ends
+
     def __init__(self, config: Path, index: int, logs: Path) -> None:
+        Member.everyone.append(self)
         self.config, self.index, self.logs = config, index, logs
         self.port = free_port()
         self.proc: asyncio.subprocess.Process | None = None
@@ -545,6 +548,11 @@ async def run_scenarios(
                 on_done(outcome)
             proxy.heal()
     finally:
+        for member in Member.everyone:  # a scenario that failed must not leave members behind
+            member.signal(signal.SIGKILL)
+            if member.proc is not None:
+                await member.proc.wait()
+        Member.everyone.clear()
         await proxy.close()
         broker.stop()
     return outcomes
