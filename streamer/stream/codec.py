@@ -102,6 +102,15 @@ class Decoder:
                 )
             if cfg.id_field:
                 _, record_id = _dotted(obj, cfg.id_field)
+                if isinstance(record_id, (dict, list)):
+                    # orjson reads 1024 levels but writes 254: an id nested deeper than the
+                    # result can carry is the input's fault here, not a systemic EncodeFailed
+                    try:
+                        orjson.dumps([record_id])  # one level, as in the result object
+                    except TypeError as exc:
+                        raise InvalidJson(
+                            f"field '{cfg.id_field}' cannot be written back in the result: {exc}"
+                        ) from None
         if not text.strip():
             raise EmptyText("text is empty or only whitespace")
         return text, record_id

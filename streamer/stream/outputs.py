@@ -92,7 +92,7 @@ class Outputs:
             return
         assert self._dest.results is not None
         size = (len(value) if value else 0) + (len(key) if key else 0) + 64
-        size += sum(len(v) + 8 for _, v in headers)
+        size += sum((len(v) if v else 0) + 8 for _, v in headers)
         out = self._group(self._dest.results, key, False, size)
         out.keys.append(key)
         out.values.append(value)
@@ -100,19 +100,32 @@ class Outputs:
         out.chunks.append(chunk)
         out.rows.append(i)
 
-    def dead_letter(self, chunk: Chunk, i: int, err: RecordError, drop_value: bool = False) -> None:
-        """The input record unchanged, plus the reason in headers (without its value when even
-        the DLQ would refuse it: the reason still arrives, and the stream goes on)."""
+    def dead_letter(
+        self,
+        chunk: Chunk,
+        i: int,
+        err: RecordError,
+        drop_value: bool = False,
+        strip: bool = False,
+    ) -> None:
+        """The input record unchanged, plus the reason in headers. Without its value when even
+        the DLQ would refuse it; then, if the key and headers alone are still too large (or
+        ``strip``), without them too: the reason and the source still arrive, and the stream
+        goes on."""
         m = chunk.messages[i]
         headers = dlq_headers(m, chunk.tp, err)
-        value = m.value
-        if drop_value or self._too_large(m.key, value, headers):
+        value, key = m.value, m.key
+        if drop_value or strip or self._too_large(key, value, headers):
             value = None
             headers.append(("streamer.error.value_dropped", b"true"))
-        size = (len(value) if value else 0) + (len(m.key) if m.key else 0) + 64
-        size += sum(len(k) + len(v) + 8 for k, v in headers)
-        out = self._group(self._dest.dlq, m.key, True, size)
-        out.keys.append(m.key)
+            if strip or self._too_large(key, None, headers):
+                key = None
+                headers = [h for h in headers if h[0].startswith("streamer.")]
+                headers.append(("streamer.error.key_and_headers_dropped", b"true"))
+        size = (len(value) if value else 0) + (len(key) if key else 0) + 64
+        size += sum(len(k) + (len(v) if v else 0) + 8 for k, v in headers)
+        out = self._group(self._dest.dlq, key, True, size)
+        out.keys.append(key)
         out.values.append(value)
         out.headers.append(headers)
         out.chunks.append(chunk)

@@ -289,3 +289,24 @@ def test_spans_end_once_every_batch_of_the_call_is_acknowledged() -> None:
 
 def test_no_records_no_batches() -> None:
     assert Outputs(dest()).batches() == []
+
+
+def test_a_dead_letter_whose_key_or_headers_are_too_large_keeps_only_its_reason() -> None:
+    """A key (or headers) over the request size: the DLQ copy drops them too, with a marker,
+    instead of a refusal that would stop the service."""
+    big_key = b"k" * (MAX + 10)
+    c = chunk([big_key, b"small"], headers=[("h", b"x" * 10), ("null", None)])
+    out = Outputs(dest())
+    out.dead_letter(c, 0, InvalidJson("bad"))
+    out.dead_letter(c, 1, InvalidJson("bad"))
+    (dlq,) = out.batches()
+    assert dlq.keys == [None, b"small"]
+    first, second = dict(dlq.headers[0]), dict(dlq.headers[1])
+    assert first["streamer.error.key_and_headers_dropped"] == b"true"
+    assert "h" not in first and first["streamer.error.class"] == b"InvalidJson"
+    assert second["h"] == b"x" * 10 and second["null"] is None  # a null header value is fine
+    stripped = Outputs(dest())
+    stripped.dead_letter(c, 1, InvalidJson("bad"), strip=True)
+    (again,) = stripped.batches()
+    assert again.keys == [None] and again.values == [None]
+    assert all(k.startswith("streamer.") for k, _ in again.headers[0])
