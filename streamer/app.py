@@ -24,6 +24,7 @@ from streamer.models.registry import ModelFactory, ModelRegistry, SwapFailed
 from streamer.models.worker import InferenceWorker
 from streamer.observability.http import HealthServer, Route
 from streamer.observability.telemetry import Telemetry
+from streamer.serving.api import InferenceApi
 from streamer.stream.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,16 @@ class Service:
                 ("POST", "/admin/models", self._admin_swap),
                 ("POST", "/admin/reload", self._admin_reload),
             ]
+        self.api: InferenceApi | None = None
+        if cfg.http.api:  # the same models over HTTP, in the stream's batches, first
+            self.api = InferenceApi(
+                cfg,
+                registry=self.registry,
+                batcher=self.pipeline.batcher,
+                telemetry=self.telemetry,
+                unavailable=self._api_unavailable,
+            )
+            routes = [*routes, *self.api.routes()]
         self.health = HealthServer(
             cfg.http,
             liveness=self._liveness,
@@ -121,6 +132,17 @@ class Service:
         if not self.pipeline.joined.is_set():
             return False, "joining the consumer group"
         return True, "ready"
+
+    def _api_unavailable(self) -> str | None:
+        """Why the HTTP API cannot answer now (None: it can); the consumer need not have
+        joined, since requests run on the loaded models, not on partitions."""
+        if self.stopping:
+            return "draining for shutdown"
+        if self.pipeline.failure is not None:
+            return "the pipeline failed; the service is stopping"
+        if not self.ready:
+            return "loading and warming up the model"
+        return None
 
     def _oldest_uncommitted_age_s(self) -> float:
         oldest = self.pipeline.tracker.oldest_fetched_at()
@@ -253,6 +275,8 @@ class Service:
         log.info("stopping: draining in-flight work (grace %.0fs)", grace)
         self.stopping = True
         drained = await self.pipeline.drain_and_stop(grace)
+        if self.api is not None:  # requests still waiting get 503 (none once drained)
+            self.api.close()
         await self.telemetry.tracing.shutdown()
         await self.publisher.stop(timeout_s=5.0)
         await self.worker.stop()
@@ -265,6 +289,8 @@ class Service:
 
     async def close(self) -> None:
         """Release everything after a failed ``start()``."""
+        if self.api is not None:
+            self.api.close()
         await self.telemetry.tracing.shutdown()
         await self.publisher.stop()
         await self.worker.stop()

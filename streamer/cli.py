@@ -1,11 +1,12 @@
-"""Command line: ``streamer run | broker | demo | bench | profile | soak | chaos`` (``python -m
-streamer`` too)."""
+"""Command line: ``streamer run | broker | demo | bench | profile | soak | chaos | replay-dlq``
+(``python -m streamer`` too)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ examples:
   streamer profile --config FILE --memory-budget-mb 2000   # settings that fit a memory budget
   streamer soak                                 # RSS and lag while 1M records drain
   streamer chaos                                # kills, rebalance storm, network faults
+  streamer replay-dlq -c FILE --error-class InvalidJson --dry-run   # dead letters, after a fix
 """
 
 
@@ -88,7 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["feature-extraction", "text-classification"],
         default="feature-extraction",
     )
-    check.add_argument("--max-length", type=int, default=256)
+    check.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="model.max_length (default: 256, capped by a sentence-transformers folder's "
+        "max_seq_length)",
+    )
     check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     check.add_argument(
         "--allow-pickle",
@@ -123,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         metavar="SECTIONS",
         help="comma-separated sections to run (default: all): offline, streamer, encodings, "
-        "low-load, per-record, passthrough, no-model, processes; e.g. --only passthrough,no-model",
+        "low-load, per-record, passthrough, no-model, processes, order, compression; e.g. --only "
+        "passthrough,no-model",
     )
     bench.add_argument(
         "--no-model-records",
@@ -170,6 +179,20 @@ def _parser() -> argparse.ArgumentParser:
         "batching.max_batch_tokens for --memory-budget-mb.",
     )
     profile_arguments(profile)
+
+    from streamer.tools.replay import add_arguments as replay_arguments
+
+    replay = sub.add_parser(
+        "replay-dlq",
+        help="re-inject dead letters into their input topic after a fix (filters, --dry-run)",
+        description="Read the DLQ topic up to its end offsets at start, keep the dead letters "
+        "that match the filters (error class, stage, source topic/partition/offsets), strip the "
+        "streamer.error.*/streamer.source.* headers and produce key, value and the original "
+        "headers to streamer.source.topic (or --to). Progress is committed in a consumer group "
+        "of its own once the records are acknowledged, so a second run does not re-inject them. "
+        "Dead letters whose value was dropped are listed, not replayed.",
+    )
+    replay_arguments(replay)
 
     from streamer.tools.soak import add_arguments as soak_arguments
 
@@ -249,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             from streamer.tools.profiler import run_profile
 
             return run_profile(args)
+        if args.command == "replay-dlq":
+            from streamer.tools.replay import run_replay
+
+            return run_replay(args)
         if args.command == "soak":
             from streamer.tools.soak import run_soak
 
@@ -266,7 +293,28 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+class _StoppedBeforeStart(BaseException):
+    """SIGTERM/SIGINT arrived before the service's own handlers were in place."""
+
+
+def _stop_before_start(signum: int, frame: object) -> None:
+    raise _StoppedBeforeStart(signum)
+
+
 def _run(args: argparse.Namespace) -> int:
+    # Importing torch and loading the config take seconds; a SIGTERM then (a rollout, a storm
+    # of restarts) must end the process cleanly, not by the signal's default action (exit 143).
+    # The event loop's handlers replace these once the service is up.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_before_start)
+    try:
+        return _run_service(args)
+    except _StoppedBeforeStart:
+        logging.getLogger("streamer").info("stopped during start-up (nothing consumed yet)")
+        return 0
+
+
+def _run_service(args: argparse.Namespace) -> int:
     from streamer.observability.logs import setup_logging
 
     cfg = load_config(args.config)

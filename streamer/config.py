@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -48,16 +49,63 @@ class SecurityConfig(_Section):
     ssl_keyfile: Path | None = None
     ssl_key_password: SecretStr | None = None
     ssl_check_hostname: bool = True
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = "PLAIN"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     sasl_password_file: Path | None = Field(
         default=None, description="file holding the SASL password (e.g. a mounted Secret)"
     )
+    sasl_oauth_token_file: Path | None = Field(
+        default=None,
+        description="OAUTHBEARER: file holding the token, re-read at each token request (a "
+        "rotated file is used from the next connection on)",
+    )
+    sasl_oauth_token_env: str | None = Field(
+        default=None,
+        description="OAUTHBEARER: name of an environment variable holding the token",
+    )
+    sasl_oauth_token_provider: str | None = Field(
+        default=None,
+        description="OAUTHBEARER: module:callable returning an aiokafka AbstractTokenProvider "
+        "(a hook for cloud IAM signers such as MSK IAM)",
+    )
+    sasl_oauth_extensions: dict[str, str] = Field(
+        default_factory=dict,
+        description="OAUTHBEARER SASL extensions sent with a token from a file or variable "
+        "(e.g. logicalCluster, identityPoolId)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SecurityConfig:
-        if self.protocol.startswith("SASL"):
+        oauth = [
+            name
+            for name in (
+                "sasl_oauth_token_file",
+                "sasl_oauth_token_env",
+                "sasl_oauth_token_provider",
+            )
+            if getattr(self, name) is not None
+        ]
+        oauthbearer = self.protocol.startswith("SASL") and self.sasl_mechanism == "OAUTHBEARER"
+        if oauthbearer and len(oauth) != 1:
+            raise ValueError(
+                "sasl_mechanism OAUTHBEARER needs exactly one token source: sasl_oauth_token_file "
+                "(a mounted, rotated token), sasl_oauth_token_env or sasl_oauth_token_provider "
+                "(module:callable)" + (f"; got {len(oauth)}: {oauth}" if oauth else "")
+            )
+        if (oauth or self.sasl_oauth_extensions) and not oauthbearer:
+            raise ValueError(
+                f"{oauth or ['sasl_oauth_extensions']} only apply with protocol SASL_SSL or "
+                "SASL_PLAINTEXT and sasl_mechanism OAUTHBEARER"
+            )
+        if self.sasl_oauth_extensions and self.sasl_oauth_token_provider is not None:
+            raise ValueError(
+                "sasl_oauth_extensions go with sasl_oauth_token_file or sasl_oauth_token_env; "
+                "a sasl_oauth_token_provider returns its own from extensions()"
+            )
+        if self.sasl_oauth_token_env is not None and not self.sasl_oauth_token_env.strip():
+            raise ValueError("sasl_oauth_token_env: name an environment variable")
+        if self.protocol.startswith("SASL") and not oauthbearer:
             if not self.sasl_username:
                 raise ValueError(f"sasl_username is required when protocol is {self.protocol}")
             if self.sasl_password is None and self.sasl_password_file is None:
@@ -69,7 +117,13 @@ class SecurityConfig(_Section):
             raise ValueError(
                 "ssl_keyfile is set but ssl_certfile is not: a client certificate needs both"
             )
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
+        for name in (
+            "ssl_cafile",
+            "ssl_certfile",
+            "ssl_keyfile",
+            "sasl_password_file",
+            "sasl_oauth_token_file",
+        ):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: file {path} does not exist")
@@ -124,7 +178,67 @@ class KafkaConfig(_Section):
         description="producer record batch per partition, bytes (Kafka's batch.size; capped by "
         "max_request_size): 16 KB holds only 3 float-encoded embeddings",
     )
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        default="none",
+        description="codec of the record batches streamer produces (results, dead letters); "
+        "the readers of those topics decompress them (lz4/snappy/zstd: cramjam)",
+    )
+    group_instance_id: str | None = Field(
+        default=None,
+        description="static group membership (KIP-345): a stable id per instance, e.g. the pod "
+        "name; a restart within session_timeout_ms gets its partitions back without a "
+        "rebalance. runtime.processes > 1 suffixes it with -<worker>",
+    )
+    partition_assignment_strategy: list[Literal["range", "roundrobin", "sticky"]] = Field(
+        default_factory=lambda: ["roundrobin"],
+        min_length=1,
+        description="assignors in order of preference (a comma-separated string works too); "
+        "every member of a group must share one",
+    )
+    consumer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="pass-through AIOKafkaConsumer settings (checked against its parameters); "
+        "keys streamer sets itself are refused with the key to use instead",
+    )
+    producer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="pass-through AIOKafkaProducer settings, checked the same way",
+    )
     security: SecurityConfig = SecurityConfig()
+
+    @field_validator("compression_type")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        from streamer.kafka.client import check_codec
+
+        check_codec(value)
+        return value
+
+    @field_validator("group_instance_id")
+    @classmethod
+    def _instance_id(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("an empty id is no id: leave it unset, or use e.g. the pod name")
+        return value
+
+    @field_validator("partition_assignment_strategy", mode="before")
+    @classmethod
+    def _assignors(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and "cooperative-sticky" in value:
+            raise ValueError(
+                "cooperative-sticky (incremental rebalancing) is not implemented by aiokafka; "
+                "use sticky: it keeps assignments across rebalances, revoking eagerly"
+            )
+        return value
+
+    @field_validator("consumer", "producer")
+    @classmethod
+    def _passthrough(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from streamer.kafka.client import check_passthrough
+
+        return check_passthrough(str(info.field_name), value)
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -157,6 +271,11 @@ class InputConfig(_Section):
     max_record_bytes: int = Field(default=1_000_000, ge=1)
     on_too_long: Literal["truncate", "dlq"] = Field(
         default="truncate", description="what to do with inputs longer than model.max_length"
+    )
+    on_tombstone: Literal["pass", "dlq", "skip"] = Field(
+        default="pass",
+        description="a record with a null value (a delete on a compacted topic): pass = a "
+        "tombstone on the output topic (same key, null value, in order), dlq, or skip",
     )
 
 
@@ -197,8 +316,28 @@ class ModelConfig(_Section):
         "models:/NAME/VERSION from an MLflow registry (mlflow extra)",
     )
     task: Literal["feature-extraction", "text-classification"] = "feature-extraction"
-    pooling: Literal["mean", "cls"] = "mean"
-    normalize: bool = True
+    pooling: Literal["mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"] | None = (
+        Field(
+            default=None,
+            description="default: the folder's sentence-transformers Pooling module "
+            "(modules.json), else mean; set, it overrides the folder (with a warning)",
+        )
+    )
+    normalize: bool | None = Field(
+        default=None,
+        description="L2-normalise embeddings; default: whether the folder's modules.json has a "
+        "Normalize module, else true; set, it overrides the folder (with a warning)",
+    )
+    prompt: str | None = Field(
+        default=None,
+        description="literal prefix prepended to every text before tokenization (e.g. "
+        "'query: '); '' for none; excludes prompt_name",
+    )
+    prompt_name: str | None = Field(
+        default=None,
+        description="a prompt from the folder's config_sentence_transformers.json prompts; "
+        "default: its default_prompt_name, if any",
+    )
     return_all_scores: bool = False
     max_length: int = Field(default=256, ge=2)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -281,6 +420,15 @@ class ModelConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _one_prompt(self) -> ModelConfig:
+        if self.prompt is not None and self.prompt_name is not None:
+            raise ValueError(
+                "set model.prompt (a literal prefix) or model.prompt_name (one of the folder's "
+                "prompts), not both"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _backend_combo(self) -> ModelConfig:
         half = self.dtype in ("float16", "bfloat16")
         if self.quantize == "int8" and (self.device == "cuda" or half):
@@ -313,6 +461,12 @@ class BatchingConfig(_Section):
     )
     oom_cooldown_s: float = Field(
         default=60, gt=0, description="how long a token budget lowered after OOM stays lowered"
+    )
+    order: Literal["partition", "none"] = Field(
+        default="partition",
+        description="partition: results leave in input order per partition (so per key); none: "
+        "batches group similar lengths across the waiting records (less padding, faster, "
+        "results of one key may overtake each other)",
     )
 
 
@@ -389,22 +543,51 @@ class HttpConfig(_Section):
     admin_token_file: Path | None = Field(
         default=None, description="file holding the admin token (e.g. a mounted Secret)"
     )
+    api: bool = Field(
+        default=False,
+        description="serve the inference API: /v1/embeddings (OpenAI), /embed, /predict and / "
+        "(TEI, huggingface_hub), answered by the stream's models in its batches, first",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token the API requires when set (STREAMER_HTTP__API_TOKEN)",
+    )
+    api_token_file: Path | None = Field(
+        default=None, description="file holding the API token (e.g. a mounted Secret)"
+    )
+    api_max_concurrent: int = Field(
+        default=64, ge=1, description="API requests in flight; more get 429 with Retry-After"
+    )
+    api_max_inputs: int = Field(
+        default=256, ge=1, description="texts in one API request; more get 413"
+    )
+    api_max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="largest API request body; larger get 413"
+    )
 
     @model_validator(mode="after")
     def _admin_token(self) -> HttpConfig:
         # The admin endpoints load arbitrary model directories: never serve them unguarded.
-        if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
-            raise ValueError("admin_token is empty: set a long random value, or leave it unset")
-        if self.admin_token_file is not None:
-            path = Path(self.admin_token_file)
+        for key in ("admin_token", "api_token"):
+            secret = getattr(self, key)
+            if secret is not None and not secret.get_secret_value().strip():
+                raise ValueError(f"{key} is empty: set a long random value, or leave it unset")
+        for key in ("admin_token_file", "api_token_file"):
+            if getattr(self, key) is None:
+                continue
+            path = Path(getattr(self, key))
             if not path.is_file():
-                raise ValueError(f"admin_token_file: file {path} does not exist")
+                raise ValueError(f"{key}: file {path} does not exist")
             try:
                 text = path.read_text()
             except OSError as exc:
-                raise ValueError(f"admin_token_file: cannot read {path} ({exc.strerror})") from None
+                raise ValueError(f"{key}: cannot read {path} ({exc.strerror})") from None
             if not text.strip():
-                raise ValueError(f"admin_token_file: {path} is empty; put the token in it")
+                raise ValueError(f"{key}: {path} is empty; put the token in it")
+        if self.api and self.port == 0:
+            raise ValueError(
+                "http.api is true but http.port is 0 (the server is off): set http.port"
+            )
         if self.admin and self.admin_token is None and self.admin_token_file is None:
             raise ValueError(
                 "http.admin is true but no token guards /admin/*: set http.admin_token "
@@ -419,6 +602,14 @@ class HttpConfig(_Section):
             return self.admin_token.get_secret_value().strip()
         if self.admin_token_file is not None:
             return Path(self.admin_token_file).read_text().strip()
+        return None
+
+    def api_token_value(self) -> str | None:
+        """The API token (None: the API is open), read from its file when asked."""
+        if self.api_token is not None:
+            return self.api_token.get_secret_value().strip()
+        if self.api_token_file is not None:
+            return Path(self.api_token_file).read_text().strip()
         return None
 
 
@@ -505,6 +696,11 @@ class StreamerConfig(BaseSettings):
                 raise ValueError(
                     "http.admin: not served with runtime.processes > 1 (a swap would reach one "
                     "worker); change models with SIGHUP, which every worker re-reads"
+                )
+            if self.http.api:
+                raise ValueError(
+                    "http.api: not served with runtime.processes > 1 (each worker has its own "
+                    "batches and port); run the API in a deployment with runtime.processes: 1"
                 )
         return self
 

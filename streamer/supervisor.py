@@ -56,16 +56,21 @@ class WorkerPlan:
     port: int
     cores: list[int]
     torch_threads: int
+    group_instance_id: str | None = None  # kafka.group_instance_id, suffixed: one per member
 
     def env(self) -> dict[str, str]:
         """Overrides for the worker's config (the environment wins over the file)."""
-        return {
+        env = {
             f"{ENV_PREFIX}RUNTIME__PROCESSES": "1",
             f"{ENV_PREFIX}RUNTIME__CPU_AFFINITY": "[" + ",".join(map(str, self.cores)) + "]",
             f"{ENV_PREFIX}RUNTIME__TORCH_THREADS": str(self.torch_threads),
             f"{ENV_PREFIX}HTTP__HOST": "127.0.0.1",
             f"{ENV_PREFIX}HTTP__PORT": str(self.port),
         }
+        if self.group_instance_id is not None:
+            # two members with one static id would fence each other off
+            env[f"{ENV_PREFIX}KAFKA__GROUP_INSTANCE_ID"] = self.group_instance_id
+        return env
 
 
 def plan_workers(cfg: StreamerConfig, ports: Iterable[int] | None = None) -> list[WorkerPlan]:
@@ -75,8 +80,15 @@ def plan_workers(cfg: StreamerConfig, ports: Iterable[int] | None = None) -> lis
     n = cfg.runtime.processes
     ports = list(ports) if ports is not None else [free_port() for _ in range(n)]
     shares = split_cores(cfg.runtime.cpu_affinity or usable_cores(), n)
+    static = cfg.kafka.group_instance_id
     return [
-        WorkerPlan(i, ports[i], share, min(len(share), cfg.runtime.torch_threads or len(share)))
+        WorkerPlan(
+            i,
+            ports[i],
+            share,
+            min(len(share), cfg.runtime.torch_threads or len(share)),
+            None if static is None else f"{static}-{i}",
+        )
         for i, share in enumerate(shares)
     ]
 

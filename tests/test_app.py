@@ -159,3 +159,19 @@ async def test_sighup_reloads_the_config_and_swaps_the_model(
         for m in sorted(msgs, key=lambda m: orjson.loads(m.value)["source"]["offset"])
     ]
     assert versions == ["1"] * 5 + ["2"] * 5
+
+
+async def test_sigterm_while_still_importing_exits_cleanly(
+    broker: str, topic: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A rollout or a restart storm can signal a pod that is still importing torch: it must
+    stop with exit 0 and a line saying so, not die by the signal's default action (143)."""
+    path = write_config(tmp_path, base_config(broker, tiny_model, topic))
+    proc = service_process(path)
+    try:
+        await asyncio.sleep(1.5)  # importing torch, loading the model: seconds more here
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 40) == 0
+    finally:
+        proc.kill()
+    assert "stopped during start-up" in path.with_suffix(".log").read_text()

@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
@@ -66,6 +66,14 @@ def _retriable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaTimeoutError) or bool(getattr(exc, "retriable", False))
 
 
+class SendEvents(Protocol):
+    """What the publisher reports for metrics (the service's telemetry)."""
+
+    def send_retried(self, topic: str) -> None: ...
+
+    def send_failed(self, topic: str, kind: str, records: int) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Partitions:
     """A topic's partitions as the producer's metadata has them, for picking them off the loop.
@@ -106,6 +114,7 @@ class OutBatch:
     rows: list[int]
     errors: list[RecordError] | None = None
     model: str = ""  # the model that made the results (results only)
+    version: str = ""  # ... and its version (set by the pipeline, for the metrics' labels)
     builder: Any = None  # a closed aiokafka BatchBuilder, or None: build on send
     counts: dict[Chunk, int] = field(default_factory=dict)
     labels: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -162,6 +171,10 @@ class OutBatch:
             builder._build()
         return builder
 
+    def result_labels(self) -> dict[tuple[str, str, str], int]:
+        """Results per (input topic, model, version): the published counter's labels."""
+        return {(topic, model, self.version): n for (topic, model), n in self.labels.items()}
+
     def split(self) -> list[OutBatch]:
         """One batch per record (to find the one a broker refuses as too large)."""
         return [self.select([i]) for i in range(len(self))]
@@ -178,6 +191,7 @@ class OutBatch:
             [self.rows[i] for i in idx],
             None if self.errors is None else [self.errors[i] for i in idx],
             self.model,
+            version=self.version,
             attempt=self.attempt,
             failing_since=self.failing_since,
         ).finish()
@@ -191,11 +205,13 @@ class Publisher:
         on_acked: Callable[[OutBatch], None],
         on_rejected: Callable[[OutBatch, BaseException], None],
         on_fatal: Callable[[BaseException], None],
+        events: SendEvents | None = None,
     ) -> None:
         self._cfg = cfg
         self._on_acked = on_acked
         self._on_rejected = on_rejected
         self._on_fatal = on_fatal
+        self._events = events
         self._producer: AIOKafkaProducer | None = None
         self._retries: set[asyncio.Task[None]] = set()
         self._unacked = 0  # records sent and not yet acknowledged or handed back
@@ -355,6 +371,8 @@ class Publisher:
         self._reject(out, exc)
 
     def _reject(self, out: OutBatch, exc: BaseException) -> None:
+        if self._events is not None:
+            self._events.send_failed(out.topic, "rejected", len(out))
         self._done(out, lambda o: self._on_rejected(o, exc))
 
     async def _retry(self, out: OutBatch, exc: BaseException) -> None:
@@ -369,6 +387,8 @@ class Publisher:
 
     def _fatal(self, out: OutBatch, exc: BaseException) -> None:
         log.error("publish to %s failed for good: %s: %s", out.topic, type(exc).__name__, exc)
+        if self._events is not None:
+            self._events.send_failed(out.topic, "fatal", len(out))
         self._done(out, lambda _o: self._on_fatal(exc))
 
     def _done(self, out: OutBatch, fn: Callable[[OutBatch], None]) -> None:
@@ -417,6 +437,8 @@ class Publisher:
             attempt,
             delay,
         )
+        if self._events is not None:
+            self._events.send_retried(topic)
         await asyncio.sleep(delay)
 
     async def send_raw(self, topic: str, value: bytes) -> None:

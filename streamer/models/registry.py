@@ -166,6 +166,24 @@ class ModelRegistry:
             raise UnknownModel(f"no model for topic {topic!r} and no default model")
         return loaded
 
+    def resolve(self, wanted: str | None) -> Loaded:
+        """The loaded version ``wanted`` names (``name`` or ``name@version``; None or empty:
+        the default model), for callers that name a model themselves (the HTTP API).
+
+        Raises :class:`UnknownModel`, listing what is loaded.
+        """
+        name, _, version = (wanted or "").strip().partition("@")
+        name = name or self._default or ""
+        loaded = self._versions.get(name, {}).get(version) if version else self._active.get(name)
+        if loaded is None or loaded.model is None:
+            what = (
+                f"version {version!r} of {name!r} is not loaded"
+                if version
+                else (f"no model named {name!r}")
+            )
+            raise UnknownModel(f"{what} (loaded: {', '.join(self.refs()) or 'none'})")
+        return loaded
+
     def hold(self) -> None:
         """No version is released until :meth:`unhold` (while records are routed off the loop)."""
         self._holds += 1

@@ -38,6 +38,17 @@ def _bearer(header: str) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def bearer_refusal(authorization: str, expected: str | None) -> str | None:
+    """Why an ``Authorization`` header does not carry ``expected`` (None: it does); the
+    tokens are compared in constant time, and the answer never contains either."""
+    given = _bearer(authorization)
+    if given is None:
+        return "no bearer token"
+    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+        return "wrong bearer token"
+    return None
+
+
 class HealthServer:
     def __init__(
         self,
@@ -107,19 +118,14 @@ class HealthServer:
                 return web.json_response(
                     {"error": "the admin token cannot be read; see the service log"}, status=503
                 )
-            given = _bearer(request.headers.get("Authorization", ""))
-            ok = (
-                bool(expected)
-                and given is not None
-                and hmac.compare_digest(given.encode(), (expected or "").encode())
-            )
-            if not ok:
+            refusal = bearer_refusal(request.headers.get("Authorization", ""), expected)
+            if refusal is not None:
                 log.warning(
                     "admin request %s %s from %s refused: %s",
                     request.method,
                     request.path,
                     request.remote or "unknown peer",
-                    "no bearer token" if given is None else "wrong bearer token",
+                    refusal,
                 )
                 return web.json_response(
                     {"error": "unauthorized: send Authorization: Bearer <http.admin_token>"},

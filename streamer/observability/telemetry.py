@@ -5,13 +5,20 @@ Metrics`; what the demo, the benchmark and the tests need beyond them is kept he
 sample of fetch→ack latencies (for percentiles finer than histogram buckets), the time of the
 first fetch and the last acknowledgement, and the event loop's CPU time between them. Waiting for
 "N outputs acknowledged" is :meth:`Telemetry.wait_outputs` (event wake-ups, no polling).
+
+A model is always reported as a :class:`~streamer.stream.records.ModelInfo` and labelled
+``model`` (name) and ``version`` on every metric. What an operator alerts on beyond the stream's
+counts comes in here too: send retries and failures (from the publisher, :meth:`send_retried`,
+:meth:`send_failed`), commits (:meth:`commit`: failures and the time of the last success) and,
+read at scrape time from the objects given to :meth:`watch`, whether the Kafka clients hold a
+broker connection and whether the breaker tripped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -169,7 +176,7 @@ class Telemetry:
 
     def model_loaded(self, info: ModelInfo, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
-            self.metrics.model_load.labels(f"{info.name}@{info.version}", phase).set(seconds)
+            self.metrics.model_load.labels(info.name, info.version, phase).set(seconds)
 
     def fetched(self, topic_counts: dict[str, int], now: float) -> None:
         if self.first_fetch_at is None:
@@ -181,16 +188,19 @@ class Telemetry:
     def tokenized(self, seconds: float) -> None:
         self.metrics.tokenize.observe(seconds)
 
-    def batch(self, rows: int, tokens: int, padded: int, model: str, waits: np.ndarray) -> None:
+    def batch(
+        self, rows: int, tokens: int, padded: int, model: ModelInfo, waits: np.ndarray
+    ) -> None:
         m = self.metrics
         kid = self._kid
-        kid(m.batch_size, model).observe(rows)
-        kid(m.batch_tokens, model).observe(padded)
-        kid(m.padding_ratio, model).observe(1 - tokens / padded if padded else 0.0)
+        name, version = model.name, model.version
+        kid(m.batch_size, name, version).observe(rows)
+        kid(m.batch_tokens, name, version).observe(padded)
+        kid(m.padding_ratio, name, version).observe(1 - tokens / padded if padded else 0.0)
         observe_many(m.batch_wait, waits)
 
-    def inferred(self, seconds: float, model: str) -> None:
-        self._kid(self.metrics.inference, model).observe(seconds)
+    def inferred(self, seconds: float, model: ModelInfo) -> None:
+        self._kid(self.metrics.inference, model.name, model.version).observe(seconds)
 
     def out_of_memory(self, budget: int | None, restored: int | None = None) -> None:
         """An OOM lowered the token budget to ``budget`` (or it was ``restored``)."""
@@ -201,18 +211,70 @@ class Telemetry:
     def rebalanced(self) -> None:
         self.metrics.rebalances.inc()
 
+    # -- the HTTP API (once per request) --------------------------------------------------------
+    def api_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """One HTTP API request answered with ``status`` after ``seconds``."""
+        m = self.metrics
+        self._kid(m.api_requests, endpoint, str(status)).inc()
+        self._kid(m.api_latency, endpoint).observe(seconds)
+
+    def api_queue_wait(self, seconds: float) -> None:
+        """A request's texts waited ``seconds`` in the batcher before their first batch."""
+        self.metrics.api_queue_wait.observe(seconds)
+
+    # -- what an operator alerts on ------------------------------------------------------------
+    def send_retried(self, topic: str) -> None:
+        """A send to ``topic`` failed with a retriable error and is retried after a backoff."""
+        self._kid(self.metrics.send_retries, topic).inc()
+
+    def send_failed(self, topic: str, kind: str, records: int) -> None:
+        """``records`` sent to ``topic`` were not taken: ``rejected`` (too large, handed back
+        to be dead-lettered) or ``fatal`` (retries gave up; the service stops)."""
+        self._kid(self.metrics.send_failures, topic, kind).inc(records)
+
+    async def commit(self, commit: Awaitable[bool]) -> bool:
+        """Await an offset commit (True: it landed) and record how it went."""
+        try:
+            ok = await commit
+        except Exception:
+            self.metrics.commit_failures.inc()
+            raise
+        if ok:
+            self.metrics.last_commit.set(time.time())
+        else:
+            self.metrics.commit_failures.inc()
+        return ok
+
+    def watch(self, *, consumer: Any, publisher: Any, breaker: Any) -> None:
+        """Read at scrape time: the clients' broker connections, the breaker's state.
+
+        ``consumer`` / ``publisher``: :class:`~streamer.kafka.consumer.Consumer` and
+        :class:`~streamer.kafka.publisher.Publisher` (before or after they start); ``breaker``:
+        a :class:`~streamer.stream.breaker.Breaker`.
+        """
+        state = self.metrics.state
+
+        def connected() -> list[tuple[str, bool]]:
+            return [
+                ("consumer", _connected(lambda: consumer.client._client)),
+                ("producer", _connected(lambda: publisher.producer.client)),
+            ]
+
+        state.broker_connected = connected
+        state.breaker_tripped = lambda: breaker.tripped is not None
+
     def acknowledged(
         self,
-        published: dict[tuple[str, str], int],
+        published: dict[tuple[str, str, str], int],
         dead_lettered: dict[tuple[str, str], int],
         fetch_latencies: np.ndarray,
         end_to_end: np.ndarray,
     ) -> None:
-        """One acknowledged output batch: counts by (topic, model) / (topic, reason), the
-        fetch→ack latency and the record-timestamp→ack latency of each of its records."""
+        """One acknowledged output batch: counts by (topic, model, version) / (topic, reason),
+        the fetch→ack latency and the record-timestamp→ack latency of each of its records."""
         m = self.metrics
-        for (topic, model), n in published.items():
-            self._kid(m.published, topic, model).inc(n)
+        for (topic, model, version), n in published.items():
+            self._kid(m.published, topic, model, version).inc(n)
         for (topic, reason), n in dead_lettered.items():
             self._kid(m.dead_lettered, topic, reason).inc(n)
         observe_many(m.end_to_end, end_to_end)
@@ -226,3 +288,17 @@ class Telemetry:
         for want, reached in self._waiters:
             if self._acked >= want and not reached.done():
                 reached.set_result(None)
+
+
+def _connected(client: Callable[[], Any]) -> bool:
+    """Whether an aiokafka client (``AIOKafkaClient``) holds an open connection to a broker.
+
+    aiokafka keeps one connection per (broker, purpose) and drops a closed one only when it is
+    next used, so each is asked (``connected()``: its stream is open and not at EOF). A client
+    not started yet (``client()`` raises) counts as not connected.
+    """
+    try:
+        conns = client()._conns
+    except (AssertionError, AttributeError):
+        return False
+    return any(conn.connected() for conn in list(conns.values()))

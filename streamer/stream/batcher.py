@@ -21,6 +21,16 @@ The neighbours considered are the oldest ``POOL_BATCHES × max_batch_size`` wait
 model (at least the whole oldest fetch): enough to group lengths well, while the cost of taking
 a batch stays the same however many records wait behind them.
 Waiting uses an event, never a sleep loop.
+
+**Priority** (``put(rows, priority=True)``, the HTTP API's rows): they wait in groups of their
+own, per model version, and are released at once, ahead of everything else: a query waits at
+most for the batch that is running (no ``max_wait_ms``, no backlog ahead of it). The next batch
+is taken from the priority group whose oldest row waited longest, by the same rules. With
+``priority_fill`` it is filled up with the oldest waiting stream rows of the same version (in
+arrival order) while the size and token limits leave room: right where a batch's time hardly
+grows with its rows (a GPU), so the query pays nothing and the stream loses no batch; wrong where
+it grows with its tokens (a CPU), where the query would wait for the stream rows while a batch
+of the query alone costs the stream only the query's own tokens. Priority rows come first.
 """
 
 from __future__ import annotations
@@ -141,6 +151,7 @@ class Batcher:
         upstream_idle: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         ordered: bool = False,
+        priority_fill: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
@@ -148,29 +159,38 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.ordered = ordered
+        self.priority_fill = priority_fill
         self._upstream_idle = upstream_idle
         self._clock = clock
         self._groups: dict[Hashable, _Pending] = {}  # by model version, in first-arrival order
+        self._priority: dict[Hashable, _Pending] = {}  # the same, for priority rows
         self._wakeup = asyncio.Event()
         self._closed = False
 
     def __len__(self) -> int:
-        return sum(g.rows for g in self._groups.values())
+        return sum(g.rows for g in (*self._groups.values(), *self._priority.values()))
 
     @property
     def pending_tokens(self) -> int:
-        return sum(g.tokens for g in self._groups.values())
+        return sum(g.tokens for g in (*self._groups.values(), *self._priority.values()))
 
-    def put(self, rows: Rows) -> None:
-        """Add a block of rows (one model version); they arrive now."""
+    @property
+    def pending_priority(self) -> int:
+        """Priority rows waiting (the HTTP API's)."""
+        return sum(g.rows for g in self._priority.values())
+
+    def put(self, rows: Rows, *, priority: bool = False) -> None:
+        """Add a block of rows (one model version); they arrive now. ``priority`` rows go
+        ahead of every stream row (see the module's docstring)."""
         if self._closed:
             raise BatcherClosed("batcher is closed")
         if not len(rows):
             return
         rows.arrived = np.full(len(rows), self._clock())
-        group = self._groups.get(id(rows.bound))
+        groups = self._priority if priority else self._groups
+        group = groups.get(id(rows.bound))
         if group is None:
-            group = self._groups[id(rows.bound)] = _Pending()
+            group = groups[id(rows.bound)] = _Pending()
         group.parts.append(rows)
         group.rows += len(rows)
         group.tokens += rows.tokens
@@ -186,7 +206,8 @@ class Batcher:
         self._wakeup.set()
 
     def remove_if(self, predicate: Callable[[Any], bool]) -> list[Rows]:
-        """Take out waiting rows whose chunk matches ``predicate`` (e.g. revoked partitions)."""
+        """Take out waiting stream rows whose chunk matches ``predicate`` (e.g. revoked
+        partitions); priority rows come from no partition and are never asked about."""
         gone = []
         for key, group in list(self._groups.items()):
             rows = group.merged()
@@ -209,6 +230,8 @@ class Batcher:
         return min(self._groups.items(), key=lambda kv: kv[1].oldest())
 
     def _ready(self) -> bool:
+        if self._priority:
+            return True
         if not self._groups:
             return False
         if self._closed:
@@ -238,7 +261,36 @@ class Batcher:
                 pass
 
     def _take(self) -> Rows:
+        if self._priority:
+            return self._take_priority()
         key, group = self._oldest_group()
+        return self._take_from(self._groups, key, group)
+
+    def _take_priority(self) -> Rows:
+        """A batch of the longest-waiting priority group; with ``priority_fill``, filled up with
+        the oldest stream rows of the same version (in arrival order, so ``ordered`` holds)."""
+        key, group = min(self._priority.items(), key=lambda kv: kv[1].oldest())
+        first = self._take_from(self._priority, key, group)
+        stream = self._groups.get(key)
+        room = self.max_batch_size - len(first)
+        if stream is None or room <= 0 or not self.priority_fill:
+            return first
+        head = stream.head(room)
+        k = fill(np.maximum(first.lengths, 1), np.maximum(head.lengths[:room], 1), self)
+        if not k:
+            return first
+        extra = head if k == len(head) else head.take(slice(0, k))
+        if k < len(head):
+            stream.parts[0] = head.take(slice(k, None))
+        else:
+            del stream.parts[0]
+        stream.rows -= k
+        stream.tokens -= extra.tokens
+        if not stream.parts:
+            del self._groups[key]
+        return Rows.concat([first, extra])
+
+    def _take_from(self, groups: dict[Hashable, _Pending], key: Hashable, group: _Pending) -> Rows:
         limit = self.max_batch_size * POOL_BATCHES
         head = group.head(limit)
         pool = head if len(head) <= limit else head.take(slice(0, limit))
@@ -268,8 +320,19 @@ class Batcher:
         group.rows -= len(batch)
         group.tokens -= batch.tokens
         if not group.parts:
-            del self._groups[key]
+            del groups[key]
         return batch
+
+
+def fill(first: np.ndarray, more: np.ndarray, limits: Batcher) -> int:
+    """How many of ``more`` (in order) join a batch of rows of lengths ``first`` within
+    ``max_batch_size`` and the padded-token budget. Monotone: rows and width only grow."""
+    room = min(len(more), limits.max_batch_size - len(first))
+    if room <= 0:
+        return 0
+    widest = np.maximum(np.maximum.accumulate(more[:room]), int(first.max()))
+    fits = (len(first) + np.arange(1, room + 1)) * widest <= limits.max_batch_tokens
+    return int(fits.sum())
 
 
 def prefix(lengths: np.ndarray, limits: Batcher) -> int:

@@ -24,8 +24,9 @@ Invariants (the reason for most of the code below):
 * at most ``batching.max_in_flight`` records are held: past that, partitions are paused;
 * on revoke, waiting work of the revoked partitions is dropped (not committed), running work
   finishes, then their offsets are committed — before the partitions are released;
-* on stop, fetching stops, everything in flight drains, the producer is flushed, offsets are
-  committed — all within the grace period.
+* on stop, fetching stops, fetches still queued for the prepare stage are given up (whole,
+  uncommitted), everything prepared drains, the producer is flushed, offsets are committed —
+  every step bounded by the grace period.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from streamer.models.registry import ModelRegistry
 from streamer.models.worker import InferenceWorker, Inferred
 from streamer.observability.metrics import PartitionLag
 from streamer.observability.telemetry import Telemetry
+from streamer.serving.requests import ApiRequest, answer_requests, started
 from streamer.stream.batcher import Batcher, BatcherClosed, Rows
 from streamer.stream.breaker import Breaker
 from streamer.stream.encode import Encoder
 from streamer.stream.outputs import Destinations, Outputs
 from streamer.stream.prepare import Preparer
-from streamer.stream.records import ResultTooLarge, TopicPartition
+from streamer.stream.records import Chunk, ResultTooLarge, TopicPartition
 from streamer.stream.spans import batch_span, send_span
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,11 @@ class Pipeline:
             cfg.kafka, on_revoked=self._on_revoked, on_assigned=self._on_assigned
         )
         self.publisher = Publisher(
-            cfg.kafka, on_acked=self._acked, on_rejected=self._rejected, on_fatal=self._fatal
+            cfg.kafka,
+            on_acked=self._acked,
+            on_rejected=self._rejected,
+            on_fatal=self._fatal,
+            events=telemetry,
         )
         b = cfg.batching
         self.batcher = Batcher(
@@ -101,6 +107,7 @@ class Pipeline:
         self.breaker = Breaker(
             cfg.breaker.window_records, cfg.breaker.failure_ratio, cfg.breaker.enabled
         )
+        telemetry.watch(consumer=self.consumer, publisher=self.publisher, breaker=self.breaker)
         self._prepare = Preparer(cfg, registry, self.tracing)
         self._encode = Encoder(cfg, self.tracing)
         self._prepare_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
@@ -123,6 +130,9 @@ class Pipeline:
         """Join the group (the models must already be loaded and warm) and start the stages.
         The publisher must be started (``publisher.start()``) before."""
         assert self.registry.ready, "load the models before joining the group"
+        # HTTP queries' batches take backlog rows along only where that is free: on a GPU a
+        # batch's time hardly grows with its rows; on a CPU the query would wait for them
+        self.batcher.priority_fill = any(x.info.device == "cuda" for x in self.registry.loaded())
         self._loop = asyncio.get_running_loop()
         await self.consumer.start()
         for name, coro in (
@@ -223,9 +233,10 @@ class Pipeline:
         return drained
 
     def _abandon_queued(self) -> None:
-        """Fetched chunks still waiting for the prepare stage are given up at once (not
-        committed: the next owner, or this one after a restart, reads them again) instead of
-        holding the drain while they are processed."""
+        """Fetches still queued for the prepare stage are given up at once — whole chunks, none
+        of their records started, left uncommitted behind everything older, so the next owner
+        (or this one after a restart) processes them once — instead of holding the drain while
+        they are decoded and tokenized. What was already prepared drains and commits."""
         while True:
             try:
                 item = self._prepare_q.get_nowait()
@@ -287,7 +298,15 @@ class Pipeline:
             for c in chunks:
                 topics[c.tp.topic] = topics.get(c.tp.topic, 0) + len(c.messages)
             self.telemetry.fetched(topics, now)
-            await self._prepare_q.put(chunks)
+            try:
+                await self._prepare_q.put(chunks)
+            except asyncio.CancelledError:
+                # the drain cancelled us while the queue was full: these were tracked but will
+                # never be prepared, so give them up now (uncommitted) or the drain would wait
+                # for them until the grace period ran out
+                for chunk in chunks:
+                    self.tracker.abandon(chunk, chunk.remaining)
+                raise
 
     async def _destinations(self, results: bool) -> Destinations:
         kcfg = self.cfg.kafka
@@ -339,9 +358,14 @@ class Pipeline:
             self.batcher.put(rows)
 
     def _without_revoked(self, rows: Rows) -> Rows:
-        """Rows of partitions being (or already) revoked are abandoned: the next owner has them."""
+        """Rows of partitions being (or already) revoked are abandoned: the next owner has them.
+        HTTP requests' rows (no partition) always stay."""
         chunks = rows.chunks.tolist()
-        stale = {c for c in set(chunks) if c.tp in self._revoking or not self.tracker.current(c)}
+        stale = {
+            c
+            for c in set(chunks)
+            if isinstance(c, Chunk) and (c.tp in self._revoking or not self.tracker.current(c))
+        }
         if not stale:
             return rows
         mask = np.fromiter((c in stale for c in chunks), bool, len(chunks))
@@ -374,9 +398,11 @@ class Pipeline:
         info = loaded.info
         tokens = batch.tokens
         padded = len(batch) * int(batch.lengths.max())
-        self.telemetry.batch(
-            len(batch), tokens, padded, info.name, time.monotonic() - batch.fetched_at
-        )
+        now = time.monotonic()
+        self.telemetry.batch(len(batch), tokens, padded, info, now - batch.fetched_at)
+        if isinstance(batch.chunks[0], ApiRequest):  # HTTP requests' rows lead their batch
+            for wait in started(batch, now):
+                self.telemetry.api_queue_wait(wait)
         spans: list[Any] = []
         inf_span = None
         if self.tracing.enabled:
@@ -397,7 +423,7 @@ class Pipeline:
         except BaseException:
             self.registry.release(loaded, len(batch))
             raise
-        self.telemetry.inferred(time.perf_counter() - t0, info.name)
+        self.telemetry.inferred(time.perf_counter() - t0, info)
         if inf_span is not None:
             if inferred.failures:
                 n = len(inferred.failures)
@@ -431,12 +457,29 @@ class Pipeline:
             batch, inferred, spans = item
             try:
                 dest = await self._destinations(results=True)
-                outs = await self.worker.run_encode(self._encode, batch, inferred, dest, spans)
+                outs = await self.worker.run_encode(
+                    self._encode_batch, batch, inferred, dest, spans
+                )
             finally:  # the model (its labels) is not needed past here
                 self.registry.release(batch.bound, len(batch))
+            if not outs:  # HTTP requests only: their answers went back, nothing to publish
+                for span in spans:
+                    span.end()
             parent = spans[0] if spans else None  # the batch's publish span
             for out in outs:
+                out.version = batch.bound.info.version  # the metrics' `version` label
                 await self._send(out, parent)
+
+    def _encode_batch(
+        self, batch: Rows, inferred: Inferred, dest: Destinations, spans: list[Any]
+    ) -> list[OutBatch]:
+        """On the encode thread: HTTP requests' rows get their answers
+        (:mod:`streamer.serving.requests`); the stream's rows become record batches."""
+        if self.cfg.http.api:  # a look at each row's chunk, on this thread: µs per batch
+            batch, inferred = answer_requests(batch, inferred)
+            if not len(batch):
+                return []
+        return self._encode(batch, inferred, dest, spans)
 
     async def _send(self, out: OutBatch, parent: Any) -> None:
         if self.tracing.enabled:  # a PRODUCER span per record batch, ended on its ack
@@ -458,7 +501,7 @@ class Pipeline:
             self.breaker.ok(len(out))
         assert out.fetched_at is not None and out.timestamps_ms is not None
         ts = out.timestamps_ms[out.timestamps_ms > 0]
-        published, dead = ({}, out.labels) if out.dead_letters else (out.labels, {})
+        published, dead = ({}, out.labels) if out.dead_letters else (out.result_labels(), {})
         self.telemetry.acknowledged(
             published,
             dead,
@@ -493,6 +536,13 @@ class Pipeline:
             log.error("DLQ rejected %s (%s); sending it without its value", chunk.where(i), exc)
             assert out.errors is not None
             fallback.dead_letter(chunk, i, out.errors[0], drop_value=True)
+        elif out.keys[0] is not None or any(
+            not k.startswith("streamer.") for k, _ in out.headers[0]
+        ):
+            # Its key or headers are what is too large: the reason and the source alone.
+            log.error("DLQ rejected %s (%s); sending only its reason", chunk.where(i), exc)
+            assert out.errors is not None
+            fallback.dead_letter(chunk, i, out.errors[0], strip=True)
         else:
             self.fail(PipelineFailed(f"the DLQ rejected even an empty record: {exc}"), exc)
             return
@@ -513,7 +563,7 @@ class Pipeline:
     async def _commit(self) -> None:
         async with self._commit_lock:  # an older snapshot never lands after a newer one
             offsets = self.tracker.committable()
-            if offsets and await self.consumer.commit(offsets):
+            if offsets and await self.telemetry.commit(self.consumer.commit(offsets)):
                 self.tracker.mark_committed(offsets)
 
     # -- memory ---------------------------------------------------------------------------------

@@ -52,9 +52,10 @@ def record_span(tracing: Tracing, group_id: str, chunk: Chunk, i: int, context: 
 def batch_span(
     tracing: Tracing, group_id: str, batch: Rows, tokens: int, padded: int, info: ModelInfo
 ) -> Span:
-    """``process {topic}``: CONSUMER, linked to each record's producer context."""
+    """``process {topic}``: CONSUMER, linked to each record's producer context (and to each
+    HTTP request's SERVER span, for the API's rows: their chunks are requests, no topic)."""
     chunks = list(dict.fromkeys(batch.chunks.tolist()))
-    topics = sorted({c.tp.topic for c in chunks})
+    topics = sorted({c.tp.topic for c in chunks if isinstance(c, Chunk)}) or ["http"]
     links = []
     for context in batch.trace.tolist():
         if context is None:

@@ -21,6 +21,13 @@ One run, one set of records, one table. Sections (``--only`` picks some):
 7. **no-model** — streamer end to end with :class:`~streamer.tools.nullmodel.NullModel`: the
    ceiling of our own code, to set beside the passthrough.
 
+**compression** runs the no-model path once per ``kafka.compression_type`` (distinct result
+rows, :mod:`streamer.tools.compressbench`): records/s and bytes per record on the output topic.
+
+**api** measures the HTTP API (:mod:`streamer.tools.apibench`): requests/s and latency at
+concurrency 1 and 32 with the stream idle, and single queries while the stream drains a
+backlog, beside the stream's records/s with and without them.
+
 Every streamer row (and the passthrough) reports ``loop µs/rec``: event-loop thread CPU per
 record between the first fetch and the last ack — the budget that caps records/s, since the
 loop is one thread.
@@ -126,8 +133,11 @@ SECTIONS = (
     "passthrough",
     "no-model",
     "processes",
+    "order",
+    "compression",
+    "api",
 )
-MODEL_SECTIONS = frozenset((*SECTIONS[:5], "processes"))
+MODEL_SECTIONS = frozenset((*SECTIONS[:5], "processes", "order", "api"))
 # Inputs produced once per run and read by several rows, each with its own group:
 INPUT_TOPIC = "bench-input"  # the streamer variants' and encodings' (--records)
 RAW_TOPIC = "bench-raw"  # the passthrough's and the no-model row's (--no-model-records)
@@ -286,6 +296,7 @@ async def _start_service(
             **cfg_over,
             "kafka": {
                 **_kafka_over(bootstrap),
+                **cfg_over.get("kafka", {}),
                 "group_id": f"bench-{run}",
                 "input_topics": [topic],
                 "output_topic": f"{run}.out",
@@ -370,7 +381,7 @@ async def steady_latency(
     inferred, acknowledged = telemetry.inferred, telemetry.acknowledged
 
     # Both hooks run once per batch on the event loop: wrapping them costs nothing per record.
-    def timed(seconds: float, model: str) -> None:
+    def timed(seconds: float, model: Any) -> None:  # a ModelInfo
         batch_s.append(seconds)
         inferred(seconds, model)
 
@@ -761,6 +772,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "passthrough": _run_passthrough,
         "no-model": _run_no_model,
         "processes": _run_processes,
+        "compression": _run_compression,
+        "order": _run_order,
+        "api": _run_api,
     }
     # SIGTERM (`timeout` around a section) unwinds like Ctrl-C: the broker is stopped and the
     # rows written so far stay
@@ -919,6 +933,48 @@ def _run_no_model(console: Console, plan: Plan, bootstrap: str, results: dict[st
             )
 
 
+def _run_order(console: Console, plan: Plan, bootstrap: str, results: dict[str, Any]) -> None:
+    """torch-fp32 end to end with ``batching.order: none`` (length grouping across the waiting
+    records), beside the streamer section's rows, which keep input order per partition."""
+    with _attempt(console, plan, results, "streamer torch-fp32 order=none"):
+        topic = _input(console, plan, bootstrap, INPUT_TOPIC, plan.texts)
+        over = plan.service_over(plan.model(plan.reference))
+        over["batching"] = {**over["batching"], "order": "none"}
+        with console.status("streamer torch-fp32, batching.order none…"):
+            results["order"]["none"] = asyncio.run(
+                end_to_end(
+                    bootstrap, over, plan.texts, topic, run="bench-order-none", produce=False
+                )
+            )
+
+
+def _run_api(console: Console, plan: Plan, bootstrap: str, results: dict[str, Any]) -> None:
+    """The HTTP API with the reference variant, idle and under a backlog (apibench)."""
+    from streamer.tools.apibench import api_bench
+
+    with (
+        _attempt(console, plan, results, "api"),
+        console.status("HTTP API: idle at concurrency 1 and 32, then queries under a backlog…"),
+    ):
+        results["api"] = asyncio.run(
+            api_bench(bootstrap, plan.service_over(plan.model(plan.reference)), plan.texts)
+        )
+
+
+def _run_compression(console: Console, plan: Plan, bootstrap: str, results: dict[str, Any]) -> None:
+    from streamer.tools.compressbench import available_codecs, compression_row
+
+    for codec in available_codecs():
+        with _attempt(console, plan, results, f"compression {codec}"):
+            topic = _input(console, plan, bootstrap, RAW_TOPIC, plan.raw_texts)
+            with console.status(f"streamer no-model, kafka.compression_type={codec}…"):
+                results["compression"][codec] = asyncio.run(
+                    compression_row(
+                        bootstrap, plan.service_over(NULL_MODEL), plan.raw_texts, topic, codec
+                    )
+                )
+
+
 def _run_processes(console: Console, plan: Plan, bootstrap: str, results: dict[str, Any]) -> None:
     """``streamer run`` with each ``--processes`` count: the reference variant on the
     ``--records`` input and the zero-cost model on the ``--no-model-records`` one."""
@@ -950,7 +1006,16 @@ def _run_processes(console: Console, plan: Plan, bootstrap: str, results: dict[s
 
 
 # -- results --------------------------------------------------------------------------------------
-_MERGED = ("offline", "streamer", "encodings", "processes", "skipped", "failed")  # rows by name
+_MERGED = (
+    "offline",
+    "streamer",
+    "encodings",
+    "processes",
+    "order",
+    "compression",
+    "skipped",
+    "failed",
+)  # rows by name
 
 
 def _fresh_results(plan: Plan) -> dict[str, Any]:
@@ -968,6 +1033,8 @@ def _fresh_results(plan: Plan) -> dict[str, Any]:
         "streamer": {},
         "encodings": {},
         "processes": {},
+        "order": {},
+        "compression": {},
         "skipped": plan.skipped,
         "failed": {},
     }
@@ -976,7 +1043,7 @@ def _fresh_results(plan: Plan) -> dict[str, Any]:
         results["records"] = plan.records
     if "offline" in ran:
         results["offline_passes"] = plan.passes
-    if ran & {"passthrough", "no-model"}:
+    if ran & {"passthrough", "no-model", "compression"}:
         results["no_model_records"] = plan.no_model_records
     if plan.cuda_graphs is not None and ran & MODEL_SECTIONS:
         results["cuda_graphs"] = plan.cuda_graphs
@@ -1168,6 +1235,36 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"bare aiokafka + orjson, same records and result size, {pt['records']} records",
             )
         )
+    unordered = r.get("order", {}).get("none")
+    if unordered:
+        rows.append(
+            _streamer_row(
+                "streamer torch-fp32 order=none",
+                unordered,
+                "",
+                _ratio(unordered["records_per_s"], fp32),
+                "",
+                f"batching.order none (length grouping, no per-key order; the streamer rows keep "
+                f"it): {unordered['mean_batch_rows']:.0f} rows/batch, "
+                f"{unordered['padding_ratio']:.0%} padding",
+            )
+        )
+    comp = r.get("compression", {})
+    plain = (comp.get("none") or {}).get("bytes_per_record")
+    for codec, e in comp.items():
+        rows.append(
+            _streamer_row(
+                f"streamer no-model {codec}",
+                e,
+                "",
+                "",
+                "",
+                f"kafka.compression_type={codec}: {e['bytes_per_record']:.0f} bytes/record on "
+                "the output topic as stored"
+                + (f" ({e['bytes_per_record'] / plain:.2f}× none)" if plain else "")
+                + f", {e['records']} distinct rows",
+            )
+        )
     procs = r.get("processes", {})
     for e in procs.values():
         one = _rate(procs.get(f"{e['model']} x1"))
@@ -1201,6 +1298,9 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"torch-fp32, {n['records']} records, one forward each",
             )
         )
+    from streamer.tools.apibench import api_rows
+
+    rows += api_rows(r)
     for name, why in r.get("skipped", {}).items():
         rows.append((f"skipped {name}", "", "", "", "", "", "", "", why))
     for label, why in r.get("failed", {}).items():
@@ -1243,7 +1343,9 @@ def _targets(r: dict[str, Any]) -> list[str]:
             "event-loop CPU per record (torch-fp32 float JSON / no-model) = "
             f"{_num(fp32_loop, '.1f') or 'n/a'} / {_num(nm_loop, '.1f') or 'n/a'} µs (≤ 15)"
         )
-    return lines
+    from streamer.tools.apibench import api_targets
+
+    return lines + api_targets(r)
 
 
 def _title(r: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from streamer.observability.metrics import LATENCY_BUCKETS
 from streamer.observability.telemetry import LatencySample, Telemetry, observe_many, percentile
+from streamer.stream.records import ModelInfo
 
 
 def samples(hist: Histogram) -> dict[tuple[str, tuple], float]:
@@ -111,7 +112,7 @@ def test_percentile_is_nearest_rank() -> None:
 def ack(t: Telemetry, results: int = 0, dead: int = 0) -> None:
     n = results + dead
     t.acknowledged(
-        {("in", "m"): results} if results else {},
+        {("in", "m", "1"): results} if results else {},
         {("in", "InvalidJson"): dead} if dead else {},
         np.full(n, 0.5),
         np.full(n, 1.0),
@@ -148,16 +149,136 @@ async def test_wait_outputs_times_out_with_a_clear_message() -> None:
 def test_acknowledged_counts_by_label() -> None:
     t = Telemetry()
     t.acknowledged(
-        {("in", "m"): 2, ("in2", "m"): 1},
+        {("in", "m", "1"): 2, ("in2", "m", "2"): 1},
         {},
         np.array([0.1, 0.2, 0.3]),
         np.array([1.0, 2.0, 3.0]),
     )
     t.acknowledged({}, {("in", "ResultTooLarge"): 1}, np.array([0.4]), np.array([4.0]))
     assert t.outputs() == (3, 1)
-    assert t.metrics.published.labels("in2", "m")._value.get() == 1
+    assert t.metrics.published.labels("in2", "m", "2")._value.get() == 1
     assert t.metrics.dead_lettered.labels("in", "ResultTooLarge")._value.get() == 1
     e2e = samples(t.metrics.end_to_end)
     count = next(v for (name, _), v in e2e.items() if name.endswith("_count"))
     total = next(v for (name, _), v in e2e.items() if name.endswith("_sum"))
     assert (count, total) == (4, 10.0)
+
+
+# -- model labels and what an operator alerts on --------------------------------------------------
+def label_sets(t: Telemetry, name: str) -> list[dict[str, str]]:
+    return [
+        s.labels
+        for metric in t.metrics.registry.collect()
+        for s in metric.samples
+        if s.name == name
+    ]
+
+
+def test_a_model_is_labelled_by_name_and_version_everywhere() -> None:
+    t = Telemetry()
+    v1 = ModelInfo("minilm", "1", "sha256:a", "feature-extraction")
+    v2 = ModelInfo("minilm", "2", "sha256:b", "feature-extraction")
+    for info in (v1, v2):
+        t.model_loaded(info, {"weights": 0.5})
+        t.batch(4, 30, 40, info, np.zeros(4))
+        t.inferred(0.01, info)
+    t.acknowledged({("in", "minilm", "2"): 4}, {}, np.zeros(4), np.zeros(4))
+    both = [{"model": "minilm", "version": "1"}, {"model": "minilm", "version": "2"}]
+    assert label_sets(t, "streamer_model_load_seconds") == [
+        {**labels, "phase": "weights"} for labels in both
+    ]
+    for name in (
+        "streamer_batch_size_records_count",
+        "streamer_batch_tokens_count",
+        "streamer_batch_padding_ratio_count",
+        "streamer_inference_duration_seconds_count",
+    ):
+        assert label_sets(t, name) == both, name
+    assert label_sets(t, "streamer_records_published_total") == [
+        {"topic": "in", "model": "minilm", "version": "2"}
+    ]
+    assert t.batch_means("minilm") == (4.0, 0.25)  # both versions of the name
+
+
+def test_send_hooks_count_retries_and_failures_by_topic() -> None:
+    t = Telemetry()
+    t.send_retried("out")
+    t.send_retried("out")
+    t.send_retried("dlq")
+    t.send_failed("out", "rejected", 1)
+    t.send_failed("out", "fatal", 5)
+    m = t.metrics
+    assert m.send_retries.labels("out")._value.get() == 2
+    assert m.send_retries.labels("dlq")._value.get() == 1
+    assert m.send_failures.labels("out", "rejected")._value.get() == 1
+    assert m.send_failures.labels("out", "fatal")._value.get() == 5
+
+
+async def test_commit_records_the_last_success_and_counts_failures() -> None:
+    t = Telemetry()
+    m = t.metrics
+    start = m.last_commit._value.get()
+    assert start > 0  # the start time until the first commit
+
+    async def answer(ok: bool) -> bool:
+        return ok
+
+    async def broken() -> bool:
+        raise OSError("broker gone")
+
+    assert await t.commit(answer(False)) is False
+    assert m.commit_failures._value.get() == 1 and m.last_commit._value.get() == start
+    with pytest.raises(OSError, match="broker gone"):
+        await t.commit(broken())
+    assert m.commit_failures._value.get() == 2 and m.last_commit._value.get() == start
+    assert await t.commit(answer(True)) is True
+    assert m.commit_failures._value.get() == 2 and m.last_commit._value.get() > start
+
+
+class _Conn:
+    def __init__(self, up: bool) -> None:
+        self.up = up
+
+    def connected(self) -> bool:
+        return self.up
+
+
+class _Client:
+    def __init__(self, *ups: bool) -> None:
+        self._conns = {i: _Conn(up) for i, up in enumerate(ups)}
+
+
+class _NotStarted:
+    @property
+    def client(self) -> object:
+        raise AssertionError("start() first")
+
+    @property
+    def producer(self) -> object:
+        raise AssertionError("start() first")
+
+
+def test_watch_reads_connections_and_the_breaker_at_scrape_time() -> None:
+    from types import SimpleNamespace
+
+    t = Telemetry()
+    consumer = SimpleNamespace(client=SimpleNamespace(_client=_Client(False, True)))
+    producer = SimpleNamespace(client=_Client(False))
+    publisher = SimpleNamespace(producer=producer)
+    breaker = SimpleNamespace(tripped=None)
+    t.watch(consumer=consumer, publisher=publisher, breaker=breaker)
+
+    def gauges() -> dict[str, float]:
+        return {
+            s.labels.get("client", s.name): s.value
+            for metric in t.metrics.registry.collect()
+            for s in metric.samples
+            if s.name in ("streamer_broker_connected", "streamer_breaker_tripped")
+        }
+
+    assert gauges() == {"consumer": 1, "producer": 0, "streamer_breaker_tripped": 0}
+    producer.client = _Client(True)
+    breaker.tripped = "breaker tripped: ..."
+    assert gauges() == {"consumer": 1, "producer": 1, "streamer_breaker_tripped": 1}
+    t.watch(consumer=_NotStarted(), publisher=_NotStarted(), breaker=breaker)
+    assert gauges() == {"consumer": 0, "producer": 0, "streamer_breaker_tripped": 1}

@@ -148,3 +148,45 @@ async def test_a_send_retried_past_the_delivery_timeout_stops_the_service_loudly
 async def produce_nothing() -> None:
     """Let the loop run while the cut takes effect."""
     await asyncio.sleep(0)
+
+
+class SlowTokenizer(HFTextModel):
+    """Decoding and tokenizing a fetch takes 1.5 s: fetches queue up in front of it."""
+
+    def tokenize(self, texts: list[str]):
+        import time
+
+        time.sleep(1.5)
+        return super().tokenize(texts)
+
+
+async def test_fetches_still_queued_at_shutdown_are_given_up_not_waited_for(
+    broker: str, topic: str, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM with fetches queued in front of a slow prepare stage: they are given up at once
+    (left uncommitted, whole), so the drain finishes within the grace period instead of
+    running out of it (4 queued fetches x 1.5 s > 4 s); everything published is committed."""
+    n = 3000
+    await create_topics(broker, {topic: 4})
+    await produce(broker, topic, json_records(n))
+    cfg = load_config(
+        None,
+        **base_config(
+            broker,
+            tiny_model,
+            topic,
+            kafka={"fetch_max_records": 50},
+            batching={"max_in_flight": 3000},
+            runtime={"shutdown_grace_s": 4},
+        ),
+    )
+    caplog.set_level("INFO")
+    async with RunningService(cfg, model_factory=SlowTokenizer) as svc:
+        await svc.wait_done(10)
+        await asyncio.sleep(1.0)  # the fetch loop fills the prepare queue meanwhile
+    assert svc.exit_code == 0
+    assert "grace period ran out" not in caplog.text
+    out = await read_topic(broker, f"{topic}.out", expect=n, timeout_s=3, settle_s=0.5)
+    assert 0 < len(out) < n
+    offsets = await committed(broker, f"g-{topic}", topic)
+    assert sum(c or 0 for c in offsets.values()) == len(out)  # drained exactly
