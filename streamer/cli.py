@@ -226,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
         "two-minute storm, five network rounds) is `make chaos`, some minutes; --short is the "
         "form inside `make test`.",
     )
-    chaos.add_argument("--short", action="store_true", help="5 kills, a 20 s storm, 1 round")
+    chaos.add_argument("--short", action="store_true", help="3 kills, a 12 s storm, one round")
     chaos.add_argument(
         "--scenarios", metavar="LIST", help="comma-separated: kill-loop, rebalance-storm, network"
     )

@@ -63,7 +63,7 @@ class ChaosPlan:
 
     @classmethod
     def short(cls, **kw: Any) -> ChaosPlan:
-        return cls(**{"kills": 5, "storm_s": 20.0, "network_rounds": 1, "rate_per_s": 150.0, **kw})
+        return cls(**{"kills": 3, "storm_s": 12.0, "network_rounds": 1, "rate_per_s": 150.0, **kw})
 
 
 @dataclass
