@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
+from streamer.tools.faultproxy import FaultProxy
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = (
     "the a an customer order failed arrived hello world my your our new release shipment support "
@@ -289,47 +291,10 @@ async def proxied_broker() -> AsyncIterator[tuple[str, TcpProxy]]:
         own.stop()
 
 
-class TcpProxy:
-    """A loopback TCP proxy that can cut every connection and refuse new ones (an outage)."""
-
-    def __init__(self, listen_port: int, target_port: int, host: str = "127.0.0.1") -> None:
-        self.host, self.listen_port, self.target_port = host, listen_port, target_port
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.listen_port)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update({writer, up_writer})
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        except asyncio.CancelledError:  # the test's loop is closing: connections just end
-            pass
-        finally:
-            self._writers.difference_update({writer, up_writer})
+class TcpProxy(FaultProxy):
+    """A loopback TCP proxy that can cut every connection and refuse new ones (an outage):
+    the chaos suite's :class:`~streamer.tools.faultproxy.FaultProxy`, with ``cut()``."""
 
     async def cut(self) -> None:
-        """Close the listener and every live connection."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for w in list(self._writers):
-            w.close()
-        self._writers.clear()
+        """Close the listener and every live connection (``start()`` opens it again)."""
+        await self.close()

@@ -18,6 +18,7 @@ from support import (
     proxied_broker,
     read_topic,
 )
+from test_pipeline import PoisonModel  # fails on any batch holding the poison word
 
 from streamer.config import load_config
 from streamer.kafka.broker import create_topics
@@ -40,17 +41,6 @@ class BrokenModel(HFTextModel):
     def forward(self, batch: list[list[int]]):
         if self.broken:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return super().forward(batch)
-
-
-class OnePercentPoison(HFTextModel):
-    def load(self) -> None:
-        super().load()
-        self.poison_id = self._backend.token_to_id(POISON_WORD)
-
-    def forward(self, batch: list[list[int]]):
-        if any(self.poison_id in row for row in batch):
-            raise RuntimeError("poisoned input")
         return super().forward(batch)
 
 
@@ -95,7 +85,7 @@ async def test_poison_at_one_percent_every_one_reaches_the_dlq_and_the_stream_go
     await create_topics(broker, {topic: 2})
     await produce(broker, topic, values)
     cfg = load_config(None, **base_config(broker, tiny_model, topic))
-    async with RunningService(cfg, model_factory=OnePercentPoison) as svc:
+    async with RunningService(cfg, model_factory=PoisonModel) as svc:
         await svc.wait_done(n, timeout_s=120)
     assert svc.exit_code == 0 and svc.service.pipeline.failure is None
     dlq = await read_topic(broker, f"{topic}.dlq", expect=len(poisoned), settle_s=0.5)
