@@ -1135,6 +1135,13 @@ COLUMNS = (
 )
 
 
+def _row(name: str, rate: str = "", *rest: str, notes: str = "") -> tuple[str, ...]:
+    """A table row in COLUMNS order: the columns after ``rate`` given in order, blank past
+    them, ``notes`` last."""
+    cells = (name, rate, *rest)
+    return (*cells, *[""] * (len(COLUMNS) - 1 - len(cells)), notes)
+
+
 def _streamer_row(
     name: str, e: dict[str, Any], vs_off: str, vs_fp32: str, agree: str, notes: str
 ) -> tuple[str, ...]:
@@ -1302,9 +1309,9 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
 
     rows += api_rows(r)
     for name, why in r.get("skipped", {}).items():
-        rows.append((f"skipped {name}", "", "", "", "", "", "", "", why))
+        rows.append(_row(f"skipped {name}", notes=why))
     for label, why in r.get("failed", {}).items():
-        rows.append((f"FAILED {label}", "", "", "", "", "", "", "", why))
+        rows.append(_row(f"FAILED {label}", notes=why))
     return rows
 
 
