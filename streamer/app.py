@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
+from streamer.allocator import tune_malloc
 from streamer.config import ConfigError, ModelConfig, StreamerConfig, load_config
 from streamer.kafka.tls import check_tls
 from streamer.models.backends import create_model
@@ -160,6 +161,7 @@ class Service:
         self._stop.set()
 
     async def start(self) -> None:
+        tune_malloc(self.cfg.runtime.malloc_tuning)
         await self.health.start()
         log.info("%s", self.telemetry.tracing.describe())
         t = time.perf_counter()

@@ -457,7 +457,10 @@ class BatchingConfig(_Section):
         default=8192, ge=2, description="padded tokens (rows x longest row) per batch"
     )
     max_in_flight: int = Field(
-        default=1024, ge=1, description="records held between fetch and commit before pausing"
+        default=1024,
+        ge=1,
+        description="records held between fetch and commit before pausing (a fetch takes whole "
+        "record batches, so up to one batch over)",
     )
     oom_cooldown_s: float = Field(
         default=60, gt=0, description="how long a token budget lowered after OOM stays lowered"
@@ -501,6 +504,11 @@ class RuntimeConfig(_Section):
         default=1,
         ge=1,
         description="worker processes in this pod, each its own group member (see docs/gpu.md)",
+    )
+    malloc_tuning: bool = Field(
+        default=True,
+        description="keep large buffers (produce requests, record batches) in glibc's heap "
+        "instead of a fresh mmap each (see streamer/allocator.py); MALLOC_* env vars win",
     )
 
     @field_validator("cpu_affinity")

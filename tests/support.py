@@ -221,6 +221,23 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | N
         await consumer.stop()
 
 
+async def wait_committed(
+    bootstrap: str, group: str, topic: str, total: int, timeout_s: float = 90.0
+) -> dict[int, int | None]:
+    """Until the group's committed offsets of ``topic`` add up to ``total`` (every record of a
+    topic written from offset 0); the offsets. Counting outputs instead would stop early where a
+    member redoes records (at-least-once)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        offsets = await committed(bootstrap, group, topic)
+        if sum(c or 0 for c in offsets.values()) >= total:
+            return offsets
+        if loop.time() >= deadline:
+            raise TimeoutError(f"group {group} committed {offsets} of {topic}, not {total}")
+        await asyncio.sleep(0.2)
+
+
 def service_process(config_path: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``python -m streamer run --config …`` as a separate process (its own stdout/err file)."""
     log = open(config_path.with_suffix(".log"), "ab")

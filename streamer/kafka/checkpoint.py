@@ -2,11 +2,11 @@
 
 Every fetched chunk (one partition's records from one fetch) is *tracked* before any work starts
 on it; each of its outputs (a result or a DLQ record) counts it down when the broker has
-acknowledged it. The committable offset of a partition is ``last + 1`` of the newest chunk of the
-unbroken run of finished chunks at its head, so a commit never runs ahead of a record whose
-output is not yet durable, however out of order acks arrive. Work is counted per chunk, not per
-record: a fetch of 500 records is one append here, an acknowledged batch one subtraction per
-chunk it touches.
+acknowledged it. The committable offset of a partition is the ``end`` (next offset) of the
+newest chunk of the unbroken run of finished chunks at its head, so a commit never runs ahead of
+a record whose output is not yet durable, however out of order acks arrive. Work is counted per
+chunk, not per record: a fetch of 500 records is one append here, an acknowledged batch one
+subtraction per chunk it touches.
 
 Order of a commit (Quix Streams' checkpoint): flush the producer, then commit. On revoke a
 partition's state is forgotten; a bumped *generation* makes late acks for it harmless.
@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamer.kafka.consumer import RawBatch
 from streamer.stream.records import Chunk, TopicPartition
 
 
@@ -58,7 +59,7 @@ class OffsetTracker:
                 dropped += state.outstanding
                 for chunk in state.chunks:
                     chunk.abandoned = True
-                    self._held -= len(chunk.messages)
+                    self._held -= chunk.count
         self._in_flight -= dropped
         self._changed.set()
         return dropped
@@ -73,23 +74,41 @@ class OffsetTracker:
         return state is not None and state.generation == chunk.generation and not chunk.abandoned
 
     # -- tracking -------------------------------------------------------------------------------
-    def track(self, tp: TopicPartition, messages: list[Any], fetched_at: float, ns: int) -> Chunk:
-        """Register one partition's fetched records as a chunk (before any work starts)."""
+    def track(self, tp: TopicPartition, fetched: list[Any], fetched_at: float, ns: int) -> Chunk:
+        """Register one partition's fetch as a chunk (before any work starts): its record
+        batches unparsed (:class:`~streamer.kafka.consumer.RawBatch`) or, from tools and tests,
+        its records."""
         state = self._parts.get(tp)
         if state is None:  # fetched before the assign callback ran: assign implicitly
             self.assign([tp])
             state = self._parts[tp]
-        first = messages[0].offset
-        if first <= state.last_tracked:
-            raise ValueError(f"{tp}: offset {first} tracked out of order")
-        n = len(messages)
-        chunk = Chunk(tp, state.generation, messages, fetched_at, ns, remaining=n)
+        if isinstance(fetched[0], RawBatch):
+            chunk = Chunk(tp, state.generation, [], fetched_at, ns, raw=fetched)
+        else:
+            chunk = Chunk(tp, state.generation, fetched, fetched_at, ns)
+        if chunk.first <= state.last_tracked:
+            raise ValueError(f"{tp}: offset {chunk.first} tracked out of order")
+        n = chunk.remaining = chunk.count
         state.chunks.append(chunk)
-        state.last_tracked = messages[-1].offset
+        state.last_tracked = chunk.last
         state.outstanding += n
         self._in_flight += n
         self._held += n
         return chunk
+
+    def recount(self, chunk: Chunk, n: int) -> bool:
+        """The chunk holds ``n`` records, not the ``count`` its offsets said (compaction removed
+        some from inside a batch): correct the counts, as if tracked so. True if that finished
+        it (all of its records were gone)."""
+        delta, chunk.count = n - chunk.count, n
+        chunk.remaining += delta
+        state = self._parts.get(chunk.tp)
+        if state is None or state.generation != chunk.generation:
+            return False
+        state.outstanding += delta
+        self._in_flight += delta
+        self._held += delta
+        return chunk.remaining <= 0 and self._advance(state)
 
     def done(self, chunk: Chunk, n: int = 1) -> bool:
         """``n`` of the chunk's outputs were acknowledged. False if its partition was revoked."""
@@ -100,13 +119,22 @@ class OffsetTracker:
         state.outstanding -= n
         self._in_flight -= n
         if chunk.remaining <= 0:
-            chunks = state.chunks
-            while chunks and chunks[0].remaining <= 0 and not chunks[0].abandoned:
-                passed = chunks.popleft()
-                state.next_commit = passed.last + 1
-                self._held -= len(passed.messages)
+            self._advance(state)
         self._changed.set()
         return True
+
+    def _advance(self, state: _PartitionState) -> bool:
+        """Move the commit point past the finished chunks at the head. True if it moved."""
+        chunks = state.chunks
+        moved = False
+        while chunks and chunks[0].remaining <= 0 and not chunks[0].abandoned:
+            passed = chunks.popleft()
+            state.next_commit = passed.end
+            self._held -= passed.count
+            moved = True
+        if moved:
+            self._changed.set()
+        return moved
 
     def abandon(self, chunk: Chunk, n: int) -> None:
         """Give up on ``n`` of the chunk's records (its partition is being revoked): they no

@@ -5,8 +5,9 @@ fetched *chunk* (one partition's records from one fetch), a *block* of tokenized
 an outgoing record batch per partition — never a record. Per record work happens on the stage
 threads (:mod:`~streamer.stream.prepare`, the model, :mod:`~streamer.stream.encode`) or in numpy.
 
-    fetch (loop)      getmany → chunks tracked by the checkpoint
-    prepare (thread)  decode, route, tokenize a whole fetch → Rows blocks + dead-letter batches
+    fetch (loop)      getmany → record batches, unparsed → chunks tracked by the checkpoint
+    prepare (thread)  read the records out, decode, route, tokenize a whole fetch → Rows blocks
+                      + dead-letter batches
     batch (loop)      Batcher: size, token budget, time, length grouping (numpy)
     infer (thread)    the model, bisecting failures → one output matrix
     encode (thread)   results → one aiokafka record batch per output partition
@@ -21,7 +22,8 @@ Invariants (the reason for most of the code below):
 * every fetched chunk is tracked before work starts and is done only when the broker acked
   every one of its results or DLQ records; commits never pass an outstanding record;
 * a bad record goes to the DLQ and the stream goes on;
-* at most ``batching.max_in_flight`` records are held: past that, partitions are paused;
+* at most ``batching.max_in_flight`` records are held (plus at most one record batch: a fetch
+  takes the broker's batches whole): past that, partitions are paused;
 * on revoke, waiting work of the revoked partitions is dropped (not committed), running work
   finishes, then their offsets are committed — before the partitions are released;
 * on stop, fetching stops, fetches still queued for the prepare stage are given up (whole,
@@ -113,6 +115,7 @@ class Pipeline:
         self._prepare_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
         self._encode_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
         self._preparing = 0
+        self._acks: list[OutBatch] = []  # acknowledged, metrics not yet reported
         self._revoking: set[TopicPartition] = set()
         self._revocations = 0  # bumped by every revoke: rows prepared before one are checked
         self._dest: Destinations | None = None
@@ -293,10 +296,10 @@ class Pipeline:
             if not fetched:
                 continue
             now, now_ns = time.monotonic(), time.time_ns()
-            chunks = [tracker.track(tp, msgs, now, now_ns) for tp, msgs in fetched.items()]
+            chunks = [tracker.track(tp, raw, now, now_ns) for tp, raw in fetched.items()]
             topics: dict[str, int] = {}
             for c in chunks:
-                topics[c.tp.topic] = topics.get(c.tp.topic, 0) + len(c.messages)
+                topics[c.tp.topic] = topics.get(c.tp.topic, 0) + c.count
             self.telemetry.fetched(topics, now)
             try:
                 await self._prepare_q.put(chunks)
@@ -347,6 +350,9 @@ class Pipeline:
         finally:
             self.registry.unhold()
         self.telemetry.tokenized(prepared.tokenize_s)
+        for chunk, n in prepared.recounted.items():  # compacted batches: fewer than counted
+            if self.tracker.recount(chunk, n):
+                self._commit_wanted.set()
         for chunk, n in prepared.skipped.items():  # tombstones skipped: done, nothing to send
             if self.tracker.done(chunk, n):
                 self._commit_wanted.set()
@@ -499,19 +505,40 @@ class Pipeline:
                 self.fail(BreakerTripped(self.breaker.tripped))
         else:
             self.breaker.ok(len(out))
-        assert out.fetched_at is not None and out.timestamps_ms is not None
-        ts = out.timestamps_ms[out.timestamps_ms > 0]
-        published, dead = ({}, out.labels) if out.dead_letters else (out.result_labels(), {})
-        self.telemetry.acknowledged(
-            published,
-            dead,
-            time.monotonic() - out.fetched_at,
-            np.maximum(0.0, time.time() - ts / 1000),
-        )
         for span in out.spans:
             span.end()
         if moved:
             self._commit_wanted.set()
+        self._acks.append(out)
+        if len(self._acks) == 1:  # the first ack of this loop iteration: report them together
+            asyncio.get_running_loop().call_soon(self._report_acks)
+
+    def _report_acks(self) -> None:
+        """The metrics of every record batch acknowledged in one loop iteration (one produce
+        response acknowledges a batch per partition), in one telemetry call: counters and
+        latency histograms per response, not per record batch."""
+        outs, self._acks = self._acks, []
+        published: Counter[tuple[str, str, str]] = Counter()
+        dead: Counter[tuple[str, str]] = Counter()
+        for out in outs:
+            if out.dead_letters:
+                dead.update(out.labels)
+            else:
+                published.update(out.result_labels())
+        fetched, stamps = [], []
+        for out in outs:
+            assert out.fetched_at is not None and out.timestamps_ms is not None  # finish() set
+            fetched.append(out.fetched_at)
+            stamps.append(out.timestamps_ms)
+        fetched_at = fetched[0] if len(fetched) == 1 else np.concatenate(fetched)
+        ts = stamps[0] if len(stamps) == 1 else np.concatenate(stamps)
+        ts = ts[ts > 0]
+        self.telemetry.acknowledged(
+            published,
+            dead,
+            time.monotonic() - fetched_at,
+            np.maximum(0.0, time.time() - ts / 1000),
+        )
 
     def _rejected(self, out: OutBatch, exc: BaseException) -> None:
         """The broker refused a single record as too large: a result goes to the DLQ; a dead

@@ -1,10 +1,10 @@
 """Decode → route → tokenize, for a whole fetch at once, on the prepare thread.
 
-In: the fetch's chunks. Out: one :class:`~streamer.stream.batcher.Rows` block per model version
-(token ids and what the result needs later, column-wise) and the dead letters of records that
-could not be decoded, routed or tokenized, already grouped into record batches. The event loop
-gets back a handful of objects whatever the fetch size.
-"""
+In: the fetch's chunks, their records still in the broker's record batches (read out here, see
+:meth:`~streamer.stream.records.Chunk.unpack`). Out: one :class:`~streamer.stream.batcher.Rows`
+block per model version (token ids and what the result needs later, column-wise) and the dead
+letters of records that could not be decoded, routed or tokenized, already grouped into record
+batches. The event loop gets back a handful of objects whatever the fetch size."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class Prepared:
     dead: list[OutBatch]
     tokenize_s: float
     skipped: dict[Chunk, int] = field(default_factory=dict)  # tombstones with on_tombstone=skip
+    # chunks that held fewer records than their offsets said (compaction): the real count
+    recounted: dict[Chunk, int] = field(default_factory=dict)
 
 
 _TOMBSTONE = Encoded([], False)  # a null value passed on: a row of no tokens (see Rows)
@@ -68,8 +70,11 @@ class Preparer:
         groups: dict[int, _Group] = {}
         dead = Outputs(dest)
         skipped: dict[Chunk, int] = {}
+        recounted: dict[Chunk, int] = {}
         tombstones = self._on_tombstone
         for chunk in chunks:
+            if (n := chunk.unpack()) != chunk.count:
+                recounted[chunk] = n
             topic = chunk.tp.topic
             for i, m in enumerate(chunk.messages):
                 headers = m.headers
@@ -108,7 +113,7 @@ class Preparer:
                 encs = [_TOMBSTONE if t is None else next(it) for t in g.texts]
             tokenize_s += time.perf_counter() - t0
             rows.append(self._rows(g, encs, (t0_ns, time.time_ns()), dead))
-        return Prepared([r for r in rows if len(r)], dead.batches(), tokenize_s, skipped)
+        return Prepared([r for r in rows if len(r)], dead.batches(), tokenize_s, skipped, recounted)
 
     def _rows(self, g: _Group, encs: list[Any], span_ns: tuple[int, int], dead: Outputs) -> Rows:
         keep = np.ones(len(encs), bool)

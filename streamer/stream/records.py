@@ -22,9 +22,12 @@ class TopicPartition:
 class Chunk:
     """One partition's records from one fetch: the unit that travels from fetch to commit.
 
-    ``messages`` are aiokafka's records untouched (``offset``, ``key``, ``value``, ``headers``,
-    ``timestamp``), so a DLQ copy is byte-identical. The checkpoint counts a chunk's outputs
-    down in ``remaining``; the partition's commit moves past the chunk once it reaches zero.
+    Fetched, it holds the broker's record batches unparsed (``raw``) and knows its offsets
+    ``[first, end)`` and record ``count``; the prepare thread reads the records out
+    (:meth:`unpack`) before anything looks at ``messages``. ``messages`` are the records as the
+    broker sent them (``offset``, ``key``, ``value``, ``headers``, ``timestamp``), so a DLQ copy
+    is byte-identical. The checkpoint counts a chunk's outputs down in ``remaining``; the
+    partition's commit moves to ``end`` once it reaches zero.
     """
 
     tp: TopicPartition
@@ -34,14 +37,34 @@ class Chunk:
     fetched_ns: int = 0  # wall clock (ns) when fetched, for span start times
     remaining: int = 0  # outputs not yet acknowledged
     abandoned: bool = False  # some records were left to the next owner: never committable
+    raw: list[Any] | None = None  # RawBatch-es (kafka/consumer.py) until unpacked
+    first: int = -1  # first offset
+    end: int = -1  # the offset after the chunk: what a commit past it names
+    count: int = 0  # records
 
-    @property
-    def first(self) -> int:
-        return self.messages[0].offset
+    def __post_init__(self) -> None:
+        if self.raw is not None:
+            self.first, self.end = self.raw[0].first, self.raw[-1].end
+            self.count = sum(b.count for b in self.raw)
+        elif self.messages and self.end < 0:
+            self.first, self.end = self.messages[0].offset, self.messages[-1].offset + 1
+            self.count = len(self.messages)
+
+    def unpack(self) -> int:
+        """Read the records out of the raw batches (on the prepare thread: this is the
+        per-record part of a fetch). Returns how many there were, which differs from
+        ``count`` only where compaction removed records from inside a batch."""
+        if self.raw is not None:
+            raw, self.raw = self.raw, None
+            if len(raw) == 1:
+                self.messages = raw[0].records()
+            else:
+                self.messages = [r for b in raw for r in b.records()]
+        return len(self.messages)
 
     @property
     def last(self) -> int:
-        return self.messages[-1].offset
+        return self.end - 1
 
     def where(self, i: int) -> str:
         return f"{self.tp}@{self.messages[i].offset}"
