@@ -17,9 +17,9 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
-from streamer.allocator import tune_malloc
 from streamer.config import ConfigError, ModelConfig, StreamerConfig, load_config
 from streamer.kafka.tls import check_tls
+from streamer.memory import freeze_gc, tune_malloc
 from streamer.models.backends import create_model
 from streamer.models.registry import ModelFactory, ModelRegistry, SwapFailed
 from streamer.models.worker import InferenceWorker
@@ -181,6 +181,8 @@ class Service:
                 phases,
             )
         log.info("%d model(s) loaded and warm in %.2fs", len(loaded), time.perf_counter() - t)
+        frozen = await asyncio.get_running_loop().run_in_executor(None, freeze_gc)
+        log.debug("gc: %d objects frozen out of the collector's generations", frozen)
         await check_tls(self.cfg.kafka)  # certificate problems fail here, named, not retried
         await self.publisher.start()
         self.telemetry.metrics.state.cuda = any(x.info.device == "cuda" for x in loaded)

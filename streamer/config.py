@@ -508,7 +508,7 @@ class RuntimeConfig(_Section):
     malloc_tuning: bool = Field(
         default=True,
         description="keep large buffers (produce requests, record batches) in glibc's heap "
-        "instead of a fresh mmap each (see streamer/allocator.py); MALLOC_* env vars win",
+        "instead of a fresh mmap each (see streamer/memory.py); MALLOC_* env vars win",
     )
 
     @field_validator("cpu_affinity")

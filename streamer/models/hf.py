@@ -12,7 +12,8 @@ sentence-transformers folder declares in ``modules.json`` (else ``model.pooling`
 On CUDA batches are padded to a small ladder of shapes (:mod:`streamer.models.shapes`), every
 shape is warmed before the consumer joins, and each is replayed as a CUDA graph: a small encoder
 is bound by kernel launches there, and each new shape costs tens of milliseconds the first time.
-On the CPU shapes stay exact (a new shape costs nothing there, padding costs compute).
+On the CPU shapes stay exact (a new shape costs nothing there, padding costs compute), and
+a batch's rows run in groups of similar length (:func:`~streamer.models.shapes.length_groups`).
 
 Everything here is synchronous and runs on the worker threads of :mod:`streamer.models.worker`,
 never on the event loop.
@@ -454,6 +455,13 @@ class HFTextModel:
             input_ids = ids_t.to(self.device, non_blocking=True)
             attention = mask_t.to(self.device, non_blocking=True)
             return self._compute(input_ids, attention)[:n].cpu().numpy()
+
+    @property
+    def splits_by_length(self) -> bool:
+        """Whether the worker should run a batch's rows in groups of similar length
+        (:func:`~streamer.models.shapes.length_groups`): on the CPU with exact shapes, where
+        padding costs compute; never on a ladder (CUDA graphs want the batch's shape)."""
+        return self.device == "cpu" and self.ladder.exact
 
     def forward(self, batch: list[list[int]]) -> Any:
         """Float32 outputs, exactly ``len(batch)`` rows (dummy rows dropped)."""

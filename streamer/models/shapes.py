@@ -183,3 +183,34 @@ class GraphRunner:
             *shape,
             self.failed[shape],
         )
+
+
+def length_groups(lengths: np.ndarray, overhead_tokens: int) -> list[np.ndarray] | None:
+    """Rows regrouped by length for separate forwards, or None when one forward is cheapest.
+
+    On a CPU a forward costs about its padded tokens (rows × longest row) plus a fixed
+    ``overhead_tokens``; a batch formed in arrival order (``batching.order: partition``) mixes
+    short and long rows and pads a lot. Over the rows sorted by length this picks the
+    contiguous runs that minimise Σ(rows × longest) + overhead × runs (a small dynamic
+    programme, O(n²) in numpy for n rows). The results go back to their rows, so the batch's
+    order is unchanged.
+    """
+    n = len(lengths)
+    if n < 2:
+        return None
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order].astype(np.float64)
+    if sorted_lengths.sum() >= 0.85 * n * sorted_lengths[-1]:  # little padding to win back
+        return None
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):  # the last run is sorted rows i..j-1, padded to the j-1th
+        costs = best[:j] + (j - np.arange(j)) * sorted_lengths[j - 1] + overhead_tokens
+        i = int(np.argmin(costs))
+        best[j], cut[j] = costs[i], i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = int(cut[j])
+    return groups[::-1] if len(groups) > 1 else None

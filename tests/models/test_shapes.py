@@ -17,7 +17,13 @@ from pydantic import ValidationError
 
 from streamer.config import ConfigError, ModelConfig, load_config
 from streamer.models.hf import HFTextModel
-from streamer.models.shapes import GraphRunner, ShapeLadder, default_row_buckets, min_cosine
+from streamer.models.shapes import (
+    GraphRunner,
+    ShapeLadder,
+    default_row_buckets,
+    length_groups,
+    min_cosine,
+)
 
 TEXTS = [
     "hello world",
@@ -398,3 +404,26 @@ def test_min_cosine() -> None:
     assert np.isnan(min_cosine(a, np.full_like(a, np.nan)))
     with pytest.raises(ValueError):
         min_cosine(a, a[:1])
+
+
+def test_length_groups_cover_every_row_once_and_beat_one_padded_forward() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        lengths = rng.integers(1, 128, size=int(rng.integers(2, 80)))
+        groups = length_groups(lengths, 64)
+        one = len(lengths) * lengths.max() + 64
+        if groups is None:
+            continue
+        rows = np.concatenate(groups)
+        assert sorted(rows.tolist()) == list(range(len(lengths)))  # each row once
+        cost = sum(len(g) * lengths[g].max() + 64 for g in groups)
+        assert cost < one
+        widths = [lengths[g].max() for g in groups]
+        assert widths == sorted(widths)  # runs of the rows sorted by length
+
+
+def test_length_groups_leave_tight_or_tiny_batches_alone() -> None:
+    assert length_groups(np.array([7]), 64) is None
+    assert length_groups(np.array([10, 11, 12, 12]), 64) is None  # little padding
+    assert length_groups(np.array([2, 100]), 1000) is None  # a forward costs more than padding
+    assert [g.tolist() for g in length_groups(np.array([2, 100, 3, 101]), 8)] == [[0, 2], [1, 3]]

@@ -151,8 +151,8 @@ def test_tokenize_isolates_the_text_that_fails() -> None:
 async def test_memory_of_a_released_model_is_freed_off_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A full gc.collect() with a model's worth of objects stalls whatever thread runs it: the
-    registry hands it to the loader thread."""
+    """A full collection (unfreeze, collect, freeze: streamer/memory.py) with a model's worth of
+    objects stalls whatever thread runs it: the registry hands it to the loader thread."""
     import asyncio
     import threading
 
@@ -166,7 +166,7 @@ async def test_memory_of_a_released_model_is_freed_off_the_event_loop(
         done.set()
         return 0
 
-    monkeypatch.setattr(worker_module.gc, "collect", collect)
+    monkeypatch.setattr(worker_module, "refreeze_gc", collect)
     worker = InferenceWorker(RuntimeConfig(torch_threads=1))
     await worker.start()
     try:
@@ -175,3 +175,35 @@ async def test_memory_of_a_released_model_is_freed_off_the_event_loop(
     finally:
         await worker.stop()
     assert ran_on and ran_on[0].startswith("streamer-load")
+
+
+def test_a_cpu_model_runs_rows_of_like_length_together_results_in_row_order(
+    worker: InferenceWorker,
+) -> None:
+    """``splits_by_length``: a batch in arrival order mixing short and long rows runs as a few
+    forwards of similar lengths (less padding), each result back on its own row."""
+    model = FakeModel()
+    model.splits_by_length = True  # type: ignore[attr-defined]
+    lengths = [3, 60, 4, 58, 2, 61, 5, 3] * 4
+    batch = [[i + 1] * n for i, n in enumerate(lengths)]
+    out = bisect(worker, model, batch)
+    assert out.failures == {} and out.outputs is not None
+    assert out.outputs.tolist() == expected(batch)  # every row its own result, in order
+    assert len(model.calls) > 1
+    assert sum(model.calls) < len(batch) * max(lengths) / 2  # half the padded tokens or less
+
+    model.calls.clear()
+    even = [[i + 1] * 10 for i in range(16)]  # nothing to win: one forward
+    assert bisect(worker, model, even).outputs.tolist() == expected(even)  # type: ignore[union-attr]
+    assert len(model.calls) == 1
+
+
+def test_a_failing_row_is_still_found_when_split_by_length(worker: InferenceWorker) -> None:
+    model = FakeModel(poison=7)
+    model.splits_by_length = True  # type: ignore[attr-defined]
+    batch = [[i] * (3 if i % 2 else 60) for i in range(1, 13)]
+    out = bisect(worker, model, batch)
+    assert list(out.failures) == [6]  # the row whose first id is 7
+    assert out.outputs is not None
+    good = [i for i in range(len(batch)) if i != 6]
+    assert out.outputs[good].tolist() == [expected(batch)[i] for i in good]
