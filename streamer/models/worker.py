@@ -45,6 +45,9 @@ class Inferred:
 
     outputs: np.ndarray | None  # None when every row failed
     failures: dict[int, RecordError]
+    # tokens the successful forwards were padded to (Σ rows × longest row of each forward):
+    # below the batch's rows × longest row where the CPU ran it in groups of like length
+    padded_tokens: int = 0
 
 
 # A CPU forward's fixed cost in tokens' worth: MiniLM on 2 cores, 1×16 tokens 23.8 ms against
@@ -52,24 +55,27 @@ class Inferred:
 SPLIT_OVERHEAD_TOKENS = 64
 
 
-def _forward(model: TextModel, batch: list[list[int]]) -> np.ndarray:
-    """``model.forward`` on the batch, float32, a row per row. A model that asks for it
-    (``splits_by_length``: exact shapes on a CPU) runs rows of similar length together, in a
-    few forwards, rather than padding every row to the longest."""
+def _forward(model: TextModel, batch: list[list[int]]) -> tuple[np.ndarray, int]:
+    """``model.forward`` on the batch, float32, a row per row, and the tokens it was padded to.
+    A model that asks for it (``splits_by_length``: exact shapes on a CPU) runs rows of similar
+    length together, in a few forwards, rather than padding every row to the longest."""
+    lengths = np.fromiter(map(len, batch), np.int64, len(batch))
     groups = None
     if len(batch) > 1 and getattr(model, "splits_by_length", False):
-        lengths = np.fromiter(map(len, batch), np.int64, len(batch))
         groups = length_groups(lengths, SPLIT_OVERHEAD_TOKENS)
     if groups is None:
-        return np.asarray(model.forward(batch), dtype=np.float32)
-    out: np.ndarray | None = None
+        out = np.asarray(model.forward(batch), dtype=np.float32)
+        return out, len(batch) * int(lengths.max())
+    result: np.ndarray | None = None
+    padded = 0
     for idx in groups:
         part = np.asarray(model.forward([batch[i] for i in idx]), dtype=np.float32)
-        if out is None:
-            out = np.empty((len(batch), *part.shape[1:]), dtype=np.float32)
-        out[idx] = part
-    assert out is not None
-    return out
+        if result is None:
+            result = np.empty((len(batch), *part.shape[1:]), dtype=np.float32)
+        result[idx] = part
+        padded += len(idx) * int(lengths[idx].max())
+    assert result is not None
+    return result, padded
 
 
 def _free_memory(cuda: bool) -> None:
@@ -230,18 +236,19 @@ class InferenceWorker:
         try:
             parts: list[tuple[int, np.ndarray]] = []
             failures: dict[int, RecordError] = {}
-            self._bisect(model, batch, 0, parts, failures)
+            padded = [0]
+            self._bisect(model, batch, 0, parts, failures, padded)
         finally:
             self.busy_since = None
         if not parts:
-            return Inferred(None, failures)
+            return Inferred(None, failures, padded[0])
         if len(parts) == 1 and not failures:
-            return Inferred(parts[0][1], failures)
+            return Inferred(parts[0][1], failures, padded[0])
         first = parts[0][1]
         out = np.zeros((len(batch), *first.shape[1:]), dtype=first.dtype)
         for start, arr in parts:
             out[start : start + len(arr)] = arr
-        return Inferred(out, failures)
+        return Inferred(out, failures, padded[0])
 
     def _bisect(
         self,
@@ -250,9 +257,12 @@ class InferenceWorker:
         start: int,
         parts: list[tuple[int, np.ndarray]],
         failures: dict[int, RecordError],
+        done_tokens: list[int],
     ) -> None:
         try:
-            parts.append((start, _forward(model, batch)))
+            out, tokens = _forward(model, batch)
+            parts.append((start, out))
+            done_tokens[0] += tokens
             return
         except Exception as exc:
             import torch
@@ -281,5 +291,5 @@ class InferenceWorker:
             failures[start] = InferenceFailed(f"model failed on this record: {what}")
             return
         mid = len(batch) // 2
-        self._bisect(model, batch[:mid], start, parts, failures)
-        self._bisect(model, batch[mid:], start + mid, parts, failures)
+        self._bisect(model, batch[:mid], start, parts, failures, done_tokens)
+        self._bisect(model, batch[mid:], start + mid, parts, failures, done_tokens)

@@ -405,7 +405,6 @@ class Pipeline:
         tokens = batch.tokens
         padded = len(batch) * int(batch.lengths.max())
         now = time.monotonic()
-        self.telemetry.batch(len(batch), tokens, padded, info, now - batch.fetched_at)
         if isinstance(batch.chunks[0], ApiRequest):  # HTTP requests' rows lead their batch
             for wait in started(batch, now):
                 self.telemetry.api_queue_wait(wait)
@@ -430,7 +429,12 @@ class Pipeline:
             self.registry.release(loaded, len(batch))
             raise
         self.telemetry.inferred(time.perf_counter() - t0, info)
+        # the padding the forwards really did (less than rows × longest where a CPU model ran
+        # rows of like length together); when every row failed, the batch as formed
+        padded = inferred.padded_tokens or padded
+        self.telemetry.batch(len(batch), tokens, padded, info, now - batch.fetched_at)
         if inf_span is not None:
+            inf_span.set_attribute("streamer.batch.padded_tokens", padded)
             if inferred.failures:
                 n = len(inferred.failures)
                 self.tracing.fail(inf_span, "InferenceFailed", f"{n} record(s) failed")
@@ -452,7 +456,7 @@ class Pipeline:
             outputs = np.zeros((len(batch), *inferred.outputs.shape[1:]), inferred.outputs.dtype)
             outputs[live] = inferred.outputs
         failures = {int(live[k]): err for k, err in inferred.failures.items()}
-        return Inferred(outputs, failures)
+        return Inferred(outputs, failures, inferred.padded_tokens)
 
     # -- encode + publish -----------------------------------------------------------------------
     async def _encode_loop(self) -> None:

@@ -207,3 +207,13 @@ def test_a_failing_row_is_still_found_when_split_by_length(worker: InferenceWork
     assert out.outputs is not None
     good = [i for i in range(len(batch)) if i != 6]
     assert out.outputs[good].tolist() == [expected(batch)[i] for i in good]
+
+
+def test_the_padding_reported_is_what_the_forwards_did(worker: InferenceWorker) -> None:
+    model = FakeModel()
+    batch = [[1] * 3, [2] * 60, [3] * 4, [4] * 58] * 4
+    assert bisect(worker, model, batch).padded_tokens == 16 * 60  # one forward: rows × longest
+    model.splits_by_length = True  # type: ignore[attr-defined]
+    model.calls.clear()
+    out = bisect(worker, model, batch)
+    assert out.padded_tokens == sum(model.calls) == 8 * 4 + 8 * 60  # short rows, long rows
