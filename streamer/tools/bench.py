@@ -670,7 +670,12 @@ class Plan:
 
     @property
     def batch(self) -> int:
-        return 256 if self.device == "cuda" else 64
+        """Rows per batch, offline and end to end alike. 256 on the CPU too: its forwards run
+        a batch's rows in groups of like length (models/shapes.py:length_groups), so a larger
+        arrival-order batch pads little and spreads each batch's fixed costs (the loop's, a
+        forward's) over more rows — MiniLM fp32 end to end 0.68–0.94× offline at 64, 0.95× at
+        256 on 2 cores."""
+        return 256
 
     @property
     def batching(self) -> dict[str, int]:
