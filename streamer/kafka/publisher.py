@@ -37,6 +37,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from streamer.config import KafkaConfig
 from streamer.kafka.client import Backoff, backoff_s, producer_kwargs
+from streamer.kafka.produce import install as flat_produce
 from streamer.stream.records import Chunk, Headers, RecordError
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ class Publisher:
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(**producer_kwargs(self._cfg))
+        flat_produce(self._producer)  # one copy of the results' bytes per request, not six
         backoff = Backoff(self._cfg)
         while True:
             try:
