@@ -185,7 +185,9 @@ Progress = Callable[[int, int], None]  # (dead letters read, total to read)
 
 
 async def replay_dlq(opts: ReplayOptions, progress: Progress | None = None) -> ReplaySummary:
-    """Read the DLQ up to its end offsets at start, produce what matches, commit as it goes."""
+    """Read the DLQ up to its end offsets at start (or the high watermark of the first fetch,
+    where that is larger: the embedded broker's ListOffsets answers low after batched appends),
+    produce what matches, commit as it goes."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
     from streamer.kafka.client import client_kwargs, producer_kwargs
@@ -229,8 +231,16 @@ async def replay_dlq(opts: ReplayOptions, progress: Progress | None = None) -> R
             progress(done, total)
         loop = asyncio.get_running_loop()
         last_progress = loop.time()
+        checked: set[TopicPartition] = set()
         while pending:
             batches = await consumer.getmany(*pending, timeout_ms=500, max_records=500)
+            for tp in pending - checked:  # the high watermark the first fetch brought back
+                high = consumer.highwater(tp)
+                if high is not None:
+                    checked.add(tp)
+                    if high > ends[tp]:  # ListOffsets answered low (some brokers, after
+                        total += high - ends[tp]  # batched appends): the fetch's word counts
+                        ends[tp] = high
             acks = []
             for tp, records in batches.items():
                 for record in records:
