@@ -6,7 +6,7 @@ pipeline, awaiting its revoke handler so that in-flight work of a revoked partit
 and committed before it is released.
 
 A fetch hands over the broker's *record batches* unparsed (:class:`RawBatch`): aiokafka's
-``getmany`` would build a ``ConsumerRecord`` per record on the event loop, a third of the
+``getmany`` would build a ``ConsumerRecord`` per record on the event loop, a quarter of the
 loop's time per record in a profile of the whole pipeline. Here the loop does a few attribute
 reads per record batch (offsets, CRC, transaction markers, as aiokafka's own per-batch checks)
 and the records are read out, decompressed included, on the prepare thread
