@@ -332,7 +332,7 @@ async def api_bench(bootstrap: str, cfg_over: dict, texts: list[str]) -> dict[st
 # -- the table ------------------------------------------------------------------------------
 def api_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     """The api section's rows in bench's COLUMNS order."""
-    from streamer.tools.bench import _num, _ratio
+    from streamer.tools.bench import _num, _ratio, _row
 
     a = r.get("api") or {}
     if not a:
@@ -344,16 +344,12 @@ def api_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
         if not e:
             continue
         rows.append(
-            (
+            _row(
                 f"api c={c}, stream idle",
                 _num(e["requests_per_s"], ".1f"),
                 _num(e["latency_p50_ms"]),
                 _num(e["latency_p99_ms"]),
-                "",
-                "",
-                "",
-                "",
-                f"/v1/embeddings, one text a request, {e['requests']} requests (records/s "
+                notes=f"/v1/embeddings, one text a request, {e['requests']} requests (records/s "
                 f"column: requests/s); {_ratio(e['requests_per_s'], alone) or 'n/a'} the "
                 "stream's records/s",
             )
@@ -361,33 +357,25 @@ def api_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     s = a.get("stream_alone")
     if s:
         rows.append(
-            (
+            _row(
                 "api: stream alone",
                 _num(s["records_per_s"], ".1f"),
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                f"the same texts as a backlog, no queries, {s['mean_batch_rows']:.0f} rows/batch",
+                notes=f"the same texts as a backlog, no queries, {s['mean_batch_rows']:.0f} "
+                "rows/batch",
             )
         )
     q = a.get("with_queries")
     if q:
         rows.append(
-            (
+            _row(
                 "api: stream + queries",
                 _num(q["records_per_s"], ".1f"),
                 _num(q["query_p50_ms"]),
                 _num(q["query_p99_ms"]),
-                "",
-                "",
-                "",
-                "",
-                f"p50/p99: {q['queries']} single queries at {q['query_rate_per_s']:.1f}/s while "
-                f"the backlog drains; stream at {_ratio(q['records_per_s'], alone) or 'n/a'} "
-                f"alone; bound max_wait_ms + 2 batches = {q['bound_ms']:.0f} ms",
+                notes=f"p50/p99: {q['queries']} single queries at "
+                f"{q['query_rate_per_s']:.1f}/s while the backlog drains; stream at "
+                f"{_ratio(q['records_per_s'], alone) or 'n/a'} alone; bound max_wait_ms + 2 "
+                f"batches = {q['bound_ms']:.0f} ms",
             )
         )
     return rows

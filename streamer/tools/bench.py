@@ -1181,7 +1181,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
             if len(passes) > 1:
                 note += ", first pass (cold shapes)" if i == 0 else f", pass {i + 1} (warm)"
             rows.append(
-                (
+                _row(
                     f"offline {name}{label}",
                     _num(p["records_per_s"], ".1f"),
                     _num(p["batch_p50_ms"]),
@@ -1190,7 +1190,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
                     "",
                     _ratio(p["records_per_s"], ref),
                     _agree_text(o.get("agreement")),
-                    note,
+                    notes=note,
                 )
             )
     e2e = r.get("streamer", {})
@@ -1281,7 +1281,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     for e in procs.values():
         one = _rate(procs.get(f"{e['model']} x1"))
         rows.append(
-            (
+            _row(
                 f"streamer {e['model']} ×{e['processes']} proc",
                 _num(e["records_per_s"], ".1f"),
                 "",
@@ -1289,8 +1289,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
                 "",
                 "",
                 _ratio(e["records_per_s"], fp32) if e["model"] == "torch-fp32" else "",
-                "",
-                f"runtime.processes={e['processes']}, `streamer run` measured from outside: "
+                notes=f"runtime.processes={e['processes']}, `streamer run` measured from outside: "
                 f"{_ratio(e['records_per_s'], one) or 'n/a'} one process, {e['records']} "
                 f"records, first result after {e['first_result_s']:.1f}s",
             )
@@ -1298,7 +1297,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     n = r.get("per_record")
     if n:
         rows.append(
-            (
+            _row(
                 "per-record consumer",
                 _num(n["records_per_s"], ".1f"),
                 _num(n["latency_p50_ms"]),
@@ -1306,8 +1305,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
                 "",
                 "",
                 _ratio(n["records_per_s"], fp32),
-                "",
-                f"torch-fp32, {n['records']} records, one forward each",
+                notes=f"torch-fp32, {n['records']} records, one forward each",
             )
         )
     from streamer.tools.apibench import api_rows
