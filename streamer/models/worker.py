@@ -236,19 +236,19 @@ class InferenceWorker:
         try:
             parts: list[tuple[int, np.ndarray]] = []
             failures: dict[int, RecordError] = {}
-            padded = [0]
-            self._bisect(model, batch, 0, parts, failures, padded)
+            done_tokens = [0]  # padded tokens of the forwards that worked (see _forward)
+            self._bisect(model, batch, 0, parts, failures, done_tokens)
         finally:
             self.busy_since = None
         if not parts:
-            return Inferred(None, failures, padded[0])
+            return Inferred(None, failures, done_tokens[0])
         if len(parts) == 1 and not failures:
-            return Inferred(parts[0][1], failures, padded[0])
+            return Inferred(parts[0][1], failures, done_tokens[0])
         first = parts[0][1]
         out = np.zeros((len(batch), *first.shape[1:]), dtype=first.dtype)
         for start, arr in parts:
             out[start : start + len(arr)] = arr
-        return Inferred(out, failures, padded[0])
+        return Inferred(out, failures, done_tokens[0])
 
     def _bisect(
         self,

@@ -524,13 +524,12 @@ class Pipeline:
         outs, self._acks = self._acks, []
         published: Counter[tuple[str, str, str]] = Counter()
         dead: Counter[tuple[str, str]] = Counter()
+        fetched, stamps = [], []
         for out in outs:
             if out.dead_letters:
                 dead.update(out.labels)
             else:
                 published.update(out.result_labels())
-        fetched, stamps = [], []
-        for out in outs:
             assert out.fetched_at is not None and out.timestamps_ms is not None  # finish() set
             fetched.append(out.fetched_at)
             stamps.append(out.timestamps_ms)
