@@ -1,15 +1,19 @@
 """Flat produce-request encoding: byte for byte what aiokafka writes, for every version, and
-only on the producer it was installed on."""
+only on the producer it was installed on; written in pieces, every byte arrives in order."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.protocol.produce import ProduceRequest
 
-from streamer.kafka.produce import _send_produce_req, flat_encode, install
+from streamer.kafka.broker import create_topics
+from streamer.kafka.produce import _send_produce_req, flat_encode, install, write_pieces
+from tests.support import read_topic
 
 VERSIONS = [cls.API_VERSION for cls in ProduceRequest._CLASSES]
 
@@ -43,3 +47,66 @@ async def test_installed_on_one_producer_only() -> None:
     install(ours)
     assert ours._sender._send_produce_req.__func__ is _send_produce_req
     assert "_send_produce_req" not in vars(other._sender)  # the class's own method
+
+
+async def test_pieces_arrive_whole_and_in_order_past_the_socket_buffer() -> None:
+    """16 MB in pieces, more than the socket takes at once: the kernel takes a part, the
+    transport buffers the rest; a second write lands behind it (the buffered path)."""
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.extend(await reader.read())  # to EOF
+        writer.close()
+        done.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    first = [b"head", os.urandom(8 << 20), bytearray(os.urandom(3)), b"", os.urandom(8 << 20)]
+    second = [b"next", os.urandom(1000)]
+    write_pieces(writer.transport, first)
+    write_pieces(writer.transport, second)
+    await writer.drain()
+    writer.close()
+    await asyncio.wait_for(done.wait(), 30)
+    server.close()
+    assert bytes(received) == b"".join(first + second)
+
+
+class _Recording(asyncio.WriteTransport):
+    """Not a socket transport (as TLS is not): it must get one joined write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[Any] = []
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+
+def test_other_transports_get_one_joined_write() -> None:
+    transport = _Recording()
+    write_pieces(transport, [b"a", bytearray(b"bc"), memoryview(b"def")])
+    assert transport.writes == [b"abcdef"]
+
+
+async def test_an_installed_producer_delivers_through_gathering_connections(
+    broker: str, topic: str
+) -> None:
+    await create_topics(broker, {topic: 2})
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", max_request_size=4 << 20)
+    install(producer)
+    await producer.start()
+    values = [os.urandom(n) for n in (0, 1, 5000, 300_000)]
+    try:
+        for i, value in enumerate(values):  # the first request opens the connection
+            await producer.send_and_wait(topic, value, key=b"%d" % i, partition=i % 2)
+        conns = list(producer.client._conns.values())
+        assert any("send" in vars(conn) for conn in conns)  # written in pieces since
+    finally:
+        await producer.stop()
+    got = await read_topic(broker, topic, expect=len(values))
+    assert sorted((m.key, m.value) for m in got) == sorted(
+        (b"%d" % i, v) for i, v in enumerate(values)
+    )
