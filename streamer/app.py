@@ -82,7 +82,7 @@ class Service:
             cfg.http,
             liveness=self._liveness,
             readiness=self._readiness,
-            metrics=self.telemetry.metrics.render,
+            metrics=self.telemetry.render,
             extra_routes=routes,
         )
         state = self.telemetry.metrics.state

@@ -122,6 +122,7 @@ class OutBatch:
     fetched_at: np.ndarray | None = None
     timestamps_ms: np.ndarray | None = None
     spans: list[Any] = field(default_factory=list)  # ended when acknowledged
+    acked_at: float = 0.0  # monotonic time of the broker's acknowledgement
     attempt: int = 0
     failing_since: float | None = None  # monotonic time of the first retriable failure
 

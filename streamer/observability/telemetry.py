@@ -102,10 +102,12 @@ class Telemetry:
         self._acked = 0  # outputs acknowledged (the counters' total, without collecting them)
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._kids: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._flush: Callable[[], None] | None = None
 
     # -- what observers read ----------------------------------------------------------------
     def outputs(self) -> tuple[int, int]:
         """(results, dead letters) acknowledged by the broker so far (the Prometheus counts)."""
+        self.flush()
         m = self.metrics
         return int(counter_total(m.published)), int(counter_total(m.dead_lettered))
 
@@ -270,8 +272,35 @@ class Telemetry:
         fetch_latencies: np.ndarray,
         end_to_end: np.ndarray,
     ) -> None:
-        """One acknowledged output batch: counts by (topic, model, version) / (topic, reason),
-        the fetch→ack latency and the record-timestamp→ack latency of each of its records."""
+        """Acknowledged outputs, counted and measured at once (:meth:`acked` +
+        :meth:`ack_metrics`)."""
+        self.ack_metrics(published, dead_lettered, fetch_latencies, end_to_end)
+        self.acked(len(fetch_latencies))
+
+    def acked(self, n: int) -> None:
+        """``n`` outputs acknowledged just now: the count, the progress, the waiters (cheap,
+        on every acknowledgement). A waiter wakes to the metrics reported up to this one."""
+        self.last_ack_at = time.monotonic()
+        self._loop_cpu_at_last_ack = time.thread_time()
+        self._acked += n
+        for fn in self._on_outputs:
+            fn(n)
+        if any(self._acked >= want and not reached.done() for want, reached in self._waiters):
+            self.flush()
+            for want, reached in self._waiters:
+                if self._acked >= want and not reached.done():
+                    reached.set_result(None)
+
+    def ack_metrics(
+        self,
+        published: dict[tuple[str, str, str], int],
+        dead_lettered: dict[tuple[str, str], int],
+        fetch_latencies: np.ndarray,
+        end_to_end: np.ndarray,
+    ) -> None:
+        """The metrics of acknowledged outputs: counts by (topic, model, version) / (topic,
+        reason), the fetch→ack and record-timestamp→ack latency of each. A stage may report
+        these later than :meth:`acked`, many acknowledgements at once (see :meth:`buffered`)."""
         m = self.metrics
         for (topic, model, version), n in published.items():
             self._kid(m.published, topic, model, version).inc(n)
@@ -279,15 +308,20 @@ class Telemetry:
             self._kid(m.dead_lettered, topic, reason).inc(n)
         observe_many(m.end_to_end, end_to_end)
         self.latencies.add(fetch_latencies)
-        self.last_ack_at = time.monotonic()
-        self._loop_cpu_at_last_ack = time.thread_time()
-        n = len(fetch_latencies)
-        self._acked += n
-        for fn in self._on_outputs:
-            fn(n)
-        for want, reached in self._waiters:
-            if self._acked >= want and not reached.done():
-                reached.set_result(None)
+
+    def buffered(self, flush: Callable[[], None]) -> None:
+        """``flush()`` reports the acknowledgements a stage holds back (its
+        :meth:`ack_metrics`); called before anything reads the metrics."""
+        self._flush = flush
+
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush()
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus' text format (``/metrics``), held-back reports included."""
+        self.flush()
+        return self.metrics.render()
 
 
 def _connected(client: Callable[[], Any]) -> bool:

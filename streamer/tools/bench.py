@@ -378,9 +378,10 @@ async def steady_latency(
     latencies: list[np.ndarray] = []
     batch_s: list[float] = []
     n = int(rate * seconds)
-    inferred, acknowledged = telemetry.inferred, telemetry.acknowledged
+    inferred, ack_metrics = telemetry.inferred, telemetry.ack_metrics
 
-    # Both hooks run once per batch on the event loop: wrapping them costs nothing per record.
+    # Both hooks run once per batch (or per report of several) on the event loop: wrapping them
+    # costs nothing per record.
     def timed(seconds: float, model: Any) -> None:  # a ModelInfo
         batch_s.append(seconds)
         inferred(seconds, model)
@@ -389,10 +390,10 @@ async def steady_latency(
         published: dict, dead_lettered: dict, fetch_latencies: np.ndarray, end_to_end: np.ndarray
     ) -> None:
         latencies.append(np.array(end_to_end, dtype=np.float64))
-        acknowledged(published, dead_lettered, fetch_latencies, end_to_end)
+        ack_metrics(published, dead_lettered, fetch_latencies, end_to_end)
 
     telemetry.inferred = timed  # type: ignore[method-assign]
-    telemetry.acknowledged = acked  # type: ignore[method-assign]
+    telemetry.ack_metrics = acked  # type: ignore[method-assign]
     runner = asyncio.ensure_future(service.run())
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     try:
