@@ -282,3 +282,47 @@ def test_watch_reads_connections_and_the_breaker_at_scrape_time() -> None:
     assert gauges() == {"consumer": 1, "producer": 1, "streamer_breaker_tripped": 1}
     t.watch(consumer=_NotStarted(), publisher=_NotStarted(), breaker=breaker)
     assert gauges() == {"consumer": 0, "producer": 0, "streamer_breaker_tripped": 1}
+
+
+# -- acknowledgements counted at once, their metrics reported later ----------------------------
+class HeldBack:
+    """A stage that holds acknowledgements' metrics back until flushed (as the pipeline does)."""
+
+    def __init__(self, t: Telemetry) -> None:
+        self.t, self.held, self.flushes = t, 0, 0
+        t.buffered(self.flush)
+
+    def ack(self, n: int) -> None:
+        self.held += n
+        self.t.acked(n)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        if self.held:
+            n, self.held = self.held, 0
+            self.t.ack_metrics({("in", "m", "1"): n}, {}, np.full(n, 0.5), np.full(n, 1.0))
+
+
+async def test_a_waiter_wakes_to_the_metrics_held_back_until_then() -> None:
+    t = Telemetry()
+    stage = HeldBack(t)
+    waiter = asyncio.ensure_future(t.wait_outputs(5))
+    await asyncio.sleep(0)
+    stage.ack(3)
+    assert stage.flushes == 0  # not reached: nothing reported yet
+    assert t.metrics.published.labels("in", "m", "1")._value.get() == 0
+    stage.ack(2)
+    await asyncio.wait_for(waiter, 5)
+    assert stage.flushes == 1 and stage.held == 0
+    assert t.metrics.published.labels("in", "m", "1")._value.get() == 5
+    assert sorted(t.latencies.values()) == [0.5] * 5
+
+
+def test_a_scrape_and_a_read_of_the_counts_report_what_is_held_back() -> None:
+    t = Telemetry()
+    stage = HeldBack(t)
+    stage.ack(4)
+    assert b'streamer_records_published_total{model="m",topic="in",version="1"} 4.0' in t.render()
+    assert stage.held == 0
+    stage.ack(2)
+    assert t.outputs() == (6, 0)
