@@ -81,7 +81,7 @@ class Partitions:
 
     ``for_key`` picks as ``send()`` would (the default partitioner: murmur2 of the key, as the
     Java client); keyless records of one call share one random available partition (sticky, as
-    Kafka's own producer does)."""
+    Kafka's own producer does) until its record batch is full, then move on to the next."""
 
     topic: str
     every: list[int]
@@ -89,6 +89,11 @@ class Partitions:
 
     def sticky(self) -> int:
         return _PARTITIONER(None, self.every, self.available)
+
+    def after(self, partition: int) -> int:
+        """The next available partition after ``partition`` (cyclic)."""
+        available = self.available
+        return next((p for p in available if p > partition), available[0])
 
     def for_key(self, key: bytes | None, keyless: int) -> int:
         return keyless if key is None else _PARTITIONER(key, self.every, self.available)

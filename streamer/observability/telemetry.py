@@ -281,7 +281,6 @@ class Telemetry:
         """``n`` outputs acknowledged just now: the count, the progress, the waiters (cheap,
         on every acknowledgement). A waiter wakes to the metrics reported up to this one."""
         self.last_ack_at = time.monotonic()
-        self._loop_cpu_at_last_ack = time.thread_time()
         self._acked += n
         for fn in self._on_outputs:
             fn(n)
@@ -308,6 +307,8 @@ class Telemetry:
             self._kid(m.dead_lettered, topic, reason).inc(n)
         observe_many(m.end_to_end, end_to_end)
         self.latencies.add(fetch_latencies)
+        # (a system call: per report, not per ack; a report follows the last ack soon enough)
+        self._loop_cpu_at_last_ack = time.thread_time()
 
     def buffered(self, flush: Callable[[], None]) -> None:
         """``flush()`` reports the acknowledgements a stage holds back (its

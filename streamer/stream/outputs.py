@@ -50,7 +50,17 @@ class Outputs:
         where = (parts.topic, partition)
         out = self._groups.get(where)
         # One record batch carries at most max_request_size (less a margin for the overhead).
-        if out is not None and self._sizes[where] + size > self._dest.max_request_size * 0.9:
+        limit = self._dest.max_request_size * 0.9
+        full = out is not None and self._sizes[where] + size > limit
+        if full and key is None and len(parts.available) > 1:
+            # Keyless records move on to the next partition when their batch is full, as
+            # Kafka's sticky partitioner does (KIP-480): a produce request carries one record
+            # batch per partition, so the two batches go out in one request, not two.
+            partition = self._keyless[parts.topic] = parts.after(partition)
+            where = (parts.topic, partition)
+            out = self._groups.get(where)
+            full = out is not None and self._sizes[where] + size > limit
+        if full:
             self._full.append(out)
             out = None
         self._sizes[where] = (self._sizes.get(where, 0) if out is not None else 0) + size

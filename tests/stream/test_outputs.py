@@ -4,6 +4,7 @@ the request size, too-large results and dead letters handled, per-batch accounti
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -311,3 +312,29 @@ def test_a_dead_letter_whose_key_or_headers_are_too_large_keeps_only_its_reason(
     (again,) = stripped.batches()
     assert again.keys == [None] and again.values == [None]
     assert all(k.startswith("streamer.") for k, _ in again.headers[0])
+
+
+def test_keyless_records_move_on_to_the_next_partition_when_their_batch_is_full() -> None:
+    """As Kafka's sticky partitioner: a full batch sends keyless records to another partition
+    (one produce request then carries both batches); keyed records stay where their key says."""
+    limit = 20_000
+    c = chunk([None] * 60 + [b"same-key"] * 30)
+    out = Outputs(dest(limit), model="m")
+    values = [b"%03d" % i + b"x" * 997 for i in range(90)]
+    for i, v in enumerate(values):
+        out.result(c, i, v, [])
+    batches = out.batches()
+    keyed_at = {b.partition for b in batches if b"same-key" in b.keys}
+    assert len(keyed_at) == 1  # a key keeps its partition, full or not
+    starts = sorted((b.values[0], b.partition) for b in batches if b.keys[0] is None)
+    keyless_at = [p for _, p in starts]  # the partitions keyless records moved through
+    assert sorted(keyless_at) == [0, 1, 2, 3]
+    assert all(b == RESULTS.after(a) for a, b in itertools.pairwise(keyless_at))
+    assert all(sum(len(v) + 64 for v in b.values) <= limit * 0.9 for b in batches)
+    sent = sorted(v for b in batches for v in b.values)
+    assert sent == sorted(values)  # every record once
+
+
+def test_the_next_partition_skips_unavailable_ones() -> None:
+    parts = Partitions("out", [0, 1, 2, 3], [1, 3])
+    assert [parts.after(p) for p in (0, 1, 2, 3)] == [1, 3, 3, 1]
