@@ -34,7 +34,6 @@ from aiokafka.client import ConnectionGroup
 from aiokafka.conn import AIOKafkaConnection, CloseReason
 from aiokafka.producer import sender as _sender
 from aiokafka.protocol.types import Array, Bytes, Int32, Schema
-from aiokafka.util import wait_for
 
 _NULL = Int32.encode(-1)
 
@@ -125,9 +124,20 @@ def _conn_send(conn: AIOKafkaConnection, request: Any, expect_response: bool = T
         ) from err
     if not expect_response:
         return conn._writer.drain()
-    fut = conn._loop.create_future()
+    loop = conn._loop
+    fut = loop.create_future()
     conn._requests.append((correlation_id, struct, fut))
-    return wait_for(fut, conn._request_timeout)
+    # aiokafka wraps the future in async_timeout (a context manager, a task lookup, a timer):
+    # one timer that fails the future does the same for a third of the loop time per request
+    timer = loop.call_later(conn._request_timeout, _expire, fut)
+    fut.add_done_callback(lambda _: timer.cancel())
+    return fut
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    """No response within the request timeout: the client closes the connection on this."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _gathering(conn: AIOKafkaConnection | None) -> None:

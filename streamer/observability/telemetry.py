@@ -166,7 +166,8 @@ class Telemetry:
         pad, _ = sum_count(m.padding_ratio)
         return (rows / batches if batches else 0.0), (pad / batches if batches else 0.0)
 
-    # -- what stages report (on the event loop, once per batch) -------------------------------
+    # -- what stages report (once per batch: on the event loop, or batch/inferred on the encode
+    # thread; prometheus_client's metrics lock, and a label child cached twice is the same one)
     def _kid(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: label values (models, topics, reasons) are
         few, and ``labels()`` validates and locks on every call."""

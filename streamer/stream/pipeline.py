@@ -434,18 +434,20 @@ class Pipeline:
         except BaseException:
             self.registry.release(loaded, len(batch))
             raise
-        self.telemetry.inferred(time.perf_counter() - t0, info)
+        seconds = time.perf_counter() - t0
         # the padding the forwards really did (less than rows × longest where a CPU model ran
         # rows of like length together); when every row failed, the batch as formed
         padded = inferred.padded_tokens or padded
-        self.telemetry.batch(len(batch), tokens, padded, info, now - batch.fetched_at)
+        # the batch's metrics are observed on the encode thread (prometheus_client locks):
+        # a few µs per batch of the loop's time each, which on a GPU host is its ceiling
+        report = (seconds, tokens, padded, now)
         if inf_span is not None:
             inf_span.set_attribute("streamer.batch.padded_tokens", padded)
             if inferred.failures:
                 n = len(inferred.failures)
                 self.tracing.fail(inf_span, "InferenceFailed", f"{n} record(s) failed")
             inf_span.end()
-        await self._encode_q.put((batch, inferred, spans))
+        await self._encode_q.put((batch, inferred, spans, report))
 
     async def _run_model(self, model: Any, batch: Rows) -> Inferred:
         """The model on the batch's rows; tombstones (rows of no tokens, see
@@ -470,11 +472,11 @@ class Pipeline:
             item = await self._encode_q.get()
             if item is _DONE:
                 return
-            batch, inferred, spans = item
+            batch, inferred, spans, report = item
             try:
                 dest = await self._destinations(results=True)
                 outs = await self.worker.run_encode(
-                    self._encode_batch, batch, inferred, dest, spans
+                    self._encode_batch, batch, inferred, dest, spans, report
                 )
             finally:  # the model (its labels) is not needed past here
                 self.registry.release(batch.bound, len(batch))
@@ -487,10 +489,19 @@ class Pipeline:
                 await self._send(out, parent)
 
     def _encode_batch(
-        self, batch: Rows, inferred: Inferred, dest: Destinations, spans: list[Any]
+        self,
+        batch: Rows,
+        inferred: Inferred,
+        dest: Destinations,
+        spans: list[Any],
+        report: tuple[float, int, int, float],
     ) -> list[OutBatch]:
-        """On the encode thread: HTTP requests' rows get their answers
+        """On the encode thread: the batch's metrics; HTTP requests' rows get their answers
         (:mod:`streamer.serving.requests`); the stream's rows become record batches."""
+        seconds, tokens, padded, formed_at = report
+        info = batch.bound.info
+        self.telemetry.inferred(seconds, info)
+        self.telemetry.batch(len(batch), tokens, padded, info, formed_at - batch.fetched_at)
         if self.cfg.http.api:  # a look at each row's chunk, on this thread: µs per batch
             batch, inferred = answer_requests(batch, inferred)
             if not len(batch):

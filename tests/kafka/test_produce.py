@@ -110,3 +110,39 @@ async def test_an_installed_producer_delivers_through_gathering_connections(
     assert sorted((m.key, m.value) for m in got) == sorted(
         (b"%d" % i, v) for i, v in enumerate(values)
     )
+
+
+class _Conn:
+    """What :func:`_conn_send` reads of an aiokafka connection (a unit test's stand-in)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._writer = type("W", (), {"transport": _Recording()})()
+        self._versions = {0: (3, 9)}
+        self._client_id = "streamer"
+        self._loop = asyncio.get_running_loop()
+        self._requests: list[Any] = []
+        self._request_timeout = timeout_s
+        self._host, self._port = "broker", 9092
+        self._ids = iter(range(1, 100))
+
+    def _next_correlation_id(self) -> int:
+        return next(self._ids)
+
+
+async def test_a_flat_request_without_a_response_times_out_and_an_answered_one_does_not() -> None:
+    from streamer.kafka.produce import _conn_send, _flat
+
+    conn = _Conn(timeout_s=0.05)
+    unanswered = _conn_send(conn, _flat(request(None)))  # type: ignore[arg-type]
+    answered = _conn_send(conn, _flat(request(None)))  # type: ignore[arg-type]
+    (first, struct, _), (second, _, fut) = conn._requests
+    assert (first, second) == (1, 2) and fut is answered
+    written = conn._writer.transport.writes  # one joined write each (not a socket transport)
+    assert [w[8:12] for w in written] == [b"\x00\x00\x00\x01", b"\x00\x00\x00\x02"]
+    header = struct.build_request_header(correlation_id=1, client_id="streamer").encode()
+    assert written[0] == len(header + struct.encode()).to_bytes(4, "big") + header + struct.encode()
+    answered.set_result("response")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(unanswered, 5)
+    await asyncio.sleep(0.1)  # past the timeout: the answered one keeps its response
+    assert answered.result() == "response"
