@@ -19,7 +19,7 @@ One run, one set of records, one table. Sections (``--only`` picks some):
    (``getmany``, parse, a result of streamer's size and shape, ``send_batch``, acks, commit):
    what Kafka and JSON alone cost in Python on this machine;
 7. **no-model** — streamer end to end with :class:`~streamer.tools.nullmodel.NullModel`: the
-   ceiling of our own code, to set beside the passthrough.
+   ceiling of our own code, to set beside the passthrough; then again with base64-f16 results.
 
 **compression** runs the no-model path once per ``kafka.compression_type`` (distinct result
 rows, :mod:`streamer.tools.compressbench`): records/s and bytes per record on the output topic.
@@ -923,16 +923,24 @@ def _run_passthrough(console: Console, plan: Plan, bootstrap: str, results: dict
 
 
 def _run_no_model(console: Console, plan: Plan, bootstrap: str, results: dict[str, Any]) -> None:
-    with _attempt(console, plan, results, "streamer no-model"):
-        topic = _input(console, plan, bootstrap, RAW_TOPIC, plan.raw_texts)
-        with console.status(f"streamer with no model on {plan.no_model_records} records…"):
-            results["no_model"] = asyncio.run(
+    """The zero-cost model with float JSON results (MiniLM's size), then with base64-f16 ones
+    (a fifth of the bytes: the ceiling for the GPU base64-f16 target)."""
+    topic = _input(console, plan, bootstrap, RAW_TOPIC, plan.raw_texts)
+    for key, label, encoding in (
+        ("no_model", "streamer no-model", "float"),
+        ("no_model_b64", "streamer no-model base64-f16", "base64-f16"),
+    ):
+        with (
+            _attempt(console, plan, results, label),
+            console.status(f"{label} on {plan.no_model_records} records…"),
+        ):
+            results[key] = asyncio.run(
                 end_to_end(
                     bootstrap,
-                    plan.service_over(NULL_MODEL),
+                    plan.service_over(NULL_MODEL, output={"embedding_encoding": encoding}),
                     plan.raw_texts,
                     topic,
-                    run="bench-no-model",
+                    run=f"bench-{key.replace('_', '-')}",
                     model_factory=NullModel.from_config,
                     produce=False,
                 )
@@ -1234,6 +1242,19 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"NullModel: the pipeline alone, {nm['records']} records, "
                 f"{nm['mean_batch_rows']:.0f} rows/batch"
                 + (f"; {vs:.2f}× the passthrough" if vs else ""),
+            )
+        )
+    b64 = r.get("no_model_b64")
+    if b64:
+        rows.append(
+            _streamer_row(
+                "streamer no-model base64-f16",
+                b64,
+                "",
+                "",
+                "",
+                f"NullModel, output.embedding_encoding base64-f16 (~1 KB results), "
+                f"{b64['records']} records, {b64['mean_batch_rows']:.0f} rows/batch",
             )
         )
     pt = r.get("passthrough")

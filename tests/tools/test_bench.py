@@ -260,6 +260,7 @@ def test_table_has_every_new_row_and_target() -> None:
         "streamer": {"torch-fp32": _e2e(960.0, 12.0), "torch-fp16-eager": _e2e(1500.0, 11.0)},
         "encodings": {"base64-f16": _e2e(990.0, 8.0)},
         "no_model": _e2e(20000.0, 10.0),
+        "no_model_b64": _e2e(40000.0, 6.0),
         "passthrough": {
             "records": 20000,
             "records_per_s": 30000.0,
@@ -294,6 +295,8 @@ def test_table_has_every_new_row_and_target() -> None:
     assert rows["streamer torch-fp32 base64-f16"][4] == "8.0"
     assert rows["streamer no-model"][4] == "10.0"
     assert "0.67× the passthrough" in rows["streamer no-model"][-1]
+    assert rows["streamer no-model base64-f16"][1] == "40000.0"
+    assert rows["streamer no-model base64-f16"][4] == "6.0"
     assert rows["kafka passthrough"][1] == "30000.0"
     assert "FAILED low-load" in rows and "skipped openvino-fp32" in rows
     targets = "\n".join(_targets(results))
