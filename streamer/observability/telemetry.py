@@ -266,18 +266,6 @@ class Telemetry:
         state.broker_connected = connected
         state.breaker_tripped = lambda: breaker.tripped is not None
 
-    def acknowledged(
-        self,
-        published: dict[tuple[str, str, str], int],
-        dead_lettered: dict[tuple[str, str], int],
-        fetch_latencies: np.ndarray,
-        end_to_end: np.ndarray,
-    ) -> None:
-        """Acknowledged outputs, counted and measured at once (:meth:`acked` +
-        :meth:`ack_metrics`)."""
-        self.ack_metrics(published, dead_lettered, fetch_latencies, end_to_end)
-        self.acked(len(fetch_latencies))
-
     def acked(self, n: int) -> None:
         """``n`` outputs acknowledged just now: the count, the progress, the waiters (cheap,
         on every acknowledgement). A waiter wakes to the metrics reported up to this one."""

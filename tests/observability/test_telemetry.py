@@ -110,16 +110,18 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def ack(t: Telemetry, results: int = 0, dead: int = 0) -> None:
+    """Outputs acknowledged and reported at once (no stage holding the report back)."""
     n = results + dead
-    t.acknowledged(
+    t.ack_metrics(
         {("in", "m", "1"): results} if results else {},
         {("in", "InvalidJson"): dead} if dead else {},
         np.full(n, 0.5),
         np.full(n, 1.0),
     )
+    t.acked(n)
 
 
-async def test_wait_outputs_wakes_on_acknowledged() -> None:
+async def test_wait_outputs_wakes_on_acked() -> None:
     t = Telemetry()
     progress: list[int] = []
     t.subscribe(progress.append)
@@ -146,15 +148,15 @@ async def test_wait_outputs_times_out_with_a_clear_message() -> None:
         await t.wait_outputs(10, timeout_s=0.01)  # waits, nothing comes, gives up
 
 
-def test_acknowledged_counts_by_label() -> None:
+def test_ack_metrics_count_by_label() -> None:
     t = Telemetry()
-    t.acknowledged(
+    t.ack_metrics(
         {("in", "m", "1"): 2, ("in2", "m", "2"): 1},
         {},
         np.array([0.1, 0.2, 0.3]),
         np.array([1.0, 2.0, 3.0]),
     )
-    t.acknowledged({}, {("in", "ResultTooLarge"): 1}, np.array([0.4]), np.array([4.0]))
+    t.ack_metrics({}, {("in", "ResultTooLarge"): 1}, np.array([0.4]), np.array([4.0]))
     assert t.outputs() == (3, 1)
     assert t.metrics.published.labels("in2", "m", "2")._value.get() == 1
     assert t.metrics.dead_lettered.labels("in", "ResultTooLarge")._value.get() == 1
@@ -182,7 +184,7 @@ def test_a_model_is_labelled_by_name_and_version_everywhere() -> None:
         t.model_loaded(info, {"weights": 0.5})
         t.batch(4, 30, 40, info, np.zeros(4))
         t.inferred(0.01, info)
-    t.acknowledged({("in", "minilm", "2"): 4}, {}, np.zeros(4), np.zeros(4))
+    t.ack_metrics({("in", "minilm", "2"): 4}, {}, np.zeros(4), np.zeros(4))
     both = [{"model": "minilm", "version": "1"}, {"model": "minilm", "version": "2"}]
     assert label_sets(t, "streamer_model_load_seconds") == [
         {**labels, "phase": "weights"} for labels in both

@@ -144,7 +144,8 @@ async def test_passthrough_moves_records_and_commits(broker: str, topic: str) ->
 # -- "until N outputs are acknowledged" ---------------------------------------------------------
 def _ack(telemetry: Telemetry, n: int) -> None:
     lat = np.full(n, 0.01)
-    telemetry.acknowledged({("in", "m", "1"): n}, {}, lat, lat)
+    telemetry.ack_metrics({("in", "m", "1"): n}, {}, lat, lat)
+    telemetry.acked(n)
 
 
 async def test_until_outputs_returns_once_acknowledged() -> None:
