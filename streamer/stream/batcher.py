@@ -291,7 +291,9 @@ class Batcher:
         return Rows.concat([first, extra])
 
     def _take_from(self, groups: dict[Hashable, _Pending], key: Hashable, group: _Pending) -> Rows:
-        limit = self.max_batch_size * POOL_BATCHES
+        # In arrival order a batch is a prefix of at most max_batch_size rows: merging more (a
+        # copy of every column, object arrays included) would only be split off again.
+        limit = self.max_batch_size * (1 if self.ordered else POOL_BATCHES)
         head = group.head(limit)
         pool = head if len(head) <= limit else head.take(slice(0, limit))
         lengths = np.maximum(pool.lengths, 1)
