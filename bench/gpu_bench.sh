@@ -33,8 +33,8 @@
 #    ./out unless set; they come back with the tool's reply). The bench rewrites both files
 #    after every section, so a group that hangs or fails leaves what was measured before it:
 #      a) passthrough,no-model   30,000 records through a bare aiokafka loop and through
-#                                streamer with the NullModel (Kafka + JSON alone; our code
-#                                alone)                                                 ≤ 90 s
+#                                streamer with the NullModel, float JSON then base64-f16
+#                                (Kafka + JSON alone; our code alone)                  ≤ 90 s
 #      b) offline                torch fp32/fp16/bf16, each with and without CUDA graphs
 #                                (VARIANT, VARIANT-eager), two passes: cold, then warm  ≤ 150 s
 #      c) streamer               the same six variants end to end, 30,000 records each  ≤ 150 s
