@@ -406,3 +406,24 @@ async def test_out_of_memory_splits_lowers_the_budget_and_restores_it(
             await asyncio.sleep(0.1)
         assert batcher.max_batch_tokens == 2048  # ... then restored
     assert svc.service.telemetry.outputs() == (n, 0)  # the stream went on, whole
+
+
+async def test_keyless_results_overflowing_a_record_batch_move_on_to_other_partitions(
+    broker: str, topic: str, tiny_model: Path
+) -> None:
+    """Keyless inputs, record batches of ~3 results (kafka.max_request_size 2 KB): a batch's
+    results move on from one output partition to the next as each record batch fills, as
+    Kafka's sticky partitioner does, and every result arrives once."""
+    await create_topics(broker, {topic: 1, f"{topic}.out": 4})
+    n = 64
+    await produce(broker, topic, json_records(n))  # no keys
+    cfg = load_config(
+        None, **base_config(broker, tiny_model, topic, kafka={"max_request_size": 2048})
+    )
+    async with RunningService(cfg) as svc:
+        await svc.wait_done(n)
+    assert svc.exit_code == 0
+    out = await read_topic(broker, f"{topic}.out", expect=n, settle_s=0.5)
+    assert sorted(orjson.loads(m.value)["id"] for m in out) == list(range(n))
+    assert all(m.key is None for m in out)
+    assert len({m.partition for m in out}) == 4  # not one sticky partition per batch
