@@ -56,12 +56,16 @@ def _pieces(kind: Any, value: Any, out: list[Any]) -> None:
         out.append(kind.encode(value))
 
 
+def _struct_pieces(struct: Any, out: list[Any]) -> list[Any]:
+    """``out`` with the pieces of an aiokafka request struct appended (record batches uncopied)."""
+    schema = struct.SCHEMA
+    _pieces(schema, [struct.__dict__[name] for name in schema.names], out)
+    return out
+
+
 def flat_encode(struct: Any) -> bytes:
     """``struct.encode()`` of an aiokafka request struct, joined once."""
-    schema = struct.SCHEMA
-    out: list[Any] = []
-    _pieces(schema, [struct.__dict__[name] for name in schema.names], out)
-    return b"".join(out)
+    return b"".join(_struct_pieces(struct, []))
 
 
 # asyncio's plain TCP transport; on 3.11 its writelines() joins, from 3.12 it gathers itself.
@@ -91,9 +95,7 @@ def write_pieces(transport: asyncio.WriteTransport, pieces: list[Any]) -> None:
     sock: socket.socket = transport._sock  # type: ignore[attr-defined]
     try:
         sent = sock.sendmsg(pieces)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:  # the transport sees the same error on write() and closes as it should
+    except OSError:  # would block, or broken: write() buffers it or closes as it should
         sent = 0
     for i, piece in enumerate(pieces):
         if sent < len(piece):
@@ -112,8 +114,7 @@ def _conn_send(conn: AIOKafkaConnection, request: Any, expect_response: bool = T
     struct = request.prepare(conn._versions)
     correlation_id = conn._next_correlation_id()
     header = struct.build_request_header(correlation_id=correlation_id, client_id=conn._client_id)
-    pieces: list[Any] = [b"", header.encode()]
-    _pieces(struct.SCHEMA, [struct.__dict__[name] for name in struct.SCHEMA.names], pieces)
+    pieces = _struct_pieces(struct, [b"", header.encode()])
     pieces[0] = Int32.encode(sum(map(len, pieces)))
     try:
         write_pieces(conn._writer.transport, pieces)

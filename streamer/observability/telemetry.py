@@ -273,11 +273,11 @@ class Telemetry:
         self._acked += n
         for fn in self._on_outputs:
             fn(n)
-        if any(self._acked >= want and not reached.done() for want, reached in self._waiters):
+        reached = [f for want, f in self._waiters if self._acked >= want and not f.done()]
+        if reached:
             self.flush()
-            for want, reached in self._waiters:
-                if self._acked >= want and not reached.done():
-                    reached.set_result(None)
+            for f in reached:
+                f.set_result(None)
 
     def ack_metrics(
         self,

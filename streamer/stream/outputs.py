@@ -49,18 +49,14 @@ class Outputs:
         partition = parts.for_key(key, keyless)
         where = (parts.topic, partition)
         out = self._groups.get(where)
-        # One record batch carries at most max_request_size (less a margin for the overhead).
-        limit = self._dest.max_request_size * 0.9
-        full = out is not None and self._sizes[where] + size > limit
-        if full and key is None and len(parts.available) > 1:
+        if key is None and out is not None and len(parts.available) > 1 and self._over(where, size):
             # Keyless records move on to the next partition when their batch is full, as
             # Kafka's sticky partitioner does (KIP-480): a produce request carries one record
             # batch per partition, so the two batches go out in one request, not two.
             partition = self._keyless[parts.topic] = parts.after(partition)
             where = (parts.topic, partition)
             out = self._groups.get(where)
-            full = out is not None and self._sizes[where] + size > limit
-        if full:
+        if out is not None and self._over(where, size):
             self._full.append(out)
             out = None
         self._sizes[where] = (self._sizes.get(where, 0) if out is not None else 0) + size
@@ -79,6 +75,11 @@ class Outputs:
             )
             self._groups[where] = out
         return out
+
+    def _over(self, where: tuple[str, int], size: int) -> bool:
+        """Whether ``size`` more bytes would take the batch at ``where`` past what one record
+        batch carries: max_request_size, less a margin for the overhead."""
+        return self._sizes[where] + size > self._dest.max_request_size * 0.9
 
     def _too_large(self, key: bytes | None, value: bytes | None, headers: Headers) -> bool:
         limit = self._dest.max_request_size
