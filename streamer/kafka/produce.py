@@ -17,15 +17,28 @@ The producer's connections then write a produce request without joining it at al
 ``sendmsg`` (what asyncio's ``writelines`` does itself from Python 3.12). aiokafka's connection
 joined the request, then copied it twice more to prefix the header and the size; those three
 copies were ~320 µs of loop time per 0.5 MB request here (~3 µs per 5 KB result).
+
+Where the connection is a plain TCP socket, even that ``sendmsg`` leaves the event loop: a
+:class:`SocketWriter` thread per connection writes its requests in order (the kernel's copy of a
+1 MB request, ~250 µs here, and on loopback the receiver's side of it too, ran on the loop's CPU;
+the call releases the GIL, so the thread runs beside the loop). It is how Kafka's own clients
+send: the Java producer's sender thread, librdkafka's broker threads. Responses are still read
+by aiokafka on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import queue
+import select
 import socket
 import sys
+import threading
+import weakref
 from asyncio import selector_events
+from collections.abc import Callable
 from typing import Any
 
 import aiokafka.errors as errors
@@ -34,6 +47,8 @@ from aiokafka.client import ConnectionGroup
 from aiokafka.conn import AIOKafkaConnection, CloseReason
 from aiokafka.producer import sender as _sender
 from aiokafka.protocol.types import Array, Bytes, Int32, Schema
+
+log = logging.getLogger(__name__)
 
 _NULL = Int32.encode(-1)
 
@@ -74,6 +89,15 @@ _GATHERS = sys.version_info >= (3, 12)
 _IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
 
 
+def _unsent(pieces: list[Any], sent: int) -> list[Any]:
+    """What is left of ``pieces`` once ``sent`` bytes of them were written (empty: all)."""
+    for i, piece in enumerate(pieces):
+        if sent < len(piece):
+            return [memoryview(piece)[sent:], *pieces[i + 1 :]]
+        sent -= len(piece)
+    return []
+
+
 def write_pieces(transport: asyncio.WriteTransport, pieces: list[Any]) -> None:
     """``transport.write(b"".join(pieces))`` without the join where the transport allows.
 
@@ -97,32 +121,152 @@ def write_pieces(transport: asyncio.WriteTransport, pieces: list[Any]) -> None:
         sent = sock.sendmsg(pieces)
     except OSError:  # would block, or broken: write() buffers it or closes as it should
         sent = 0
-    for i, piece in enumerate(pieces):
-        if sent < len(piece):
-            rest = [memoryview(piece)[sent:], *pieces[i + 1 :]]
-            transport.write(b"".join(rest))
+    rest = _unsent(pieces, sent)
+    if rest:
+        transport.write(b"".join(rest))
+
+
+class SocketWriter:
+    """Writes one connection's requests, in the order given, from a thread of its own.
+
+    ``write`` only enqueues (the event loop's whole cost of a request's bytes); the thread hands
+    them to the kernel with ``sendmsg`` and waits for room in the socket with ``poll``. It owns
+    a duplicate of the socket's descriptor: the transport may close its own at any time, and a
+    closed number can be reused by another connection, which must never get these bytes.
+    ``stop`` (the connection closing) shuts the socket down, which also wakes a thread waiting
+    on a peer that stopped reading; unsent bytes are dropped then, as the connection's requests
+    fail and are retried. A write error reaches ``on_broken`` (from the thread) unless stopping.
+    """
+
+    def __init__(self, sock: socket.socket, on_broken: Callable[[OSError], None], name: str):
+        self._sock = sock.dup()  # shares the open socket, non-blocking flag included
+        self._on_broken = on_broken
+        self._queue: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def write(self, pieces: list[Any]) -> None:
+        self._queue.put(pieces)
+
+    def stop(self) -> None:
+        if self._stopping:
             return
-        sent -= len(piece)
+        self._stopping = True
+        self._queue.put(None)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed by the thread, or never connected
+            pass
+
+    def join(self, timeout_s: float | None = None) -> None:
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        sock = self._sock
+        room = select.poll()
+        room.register(sock, select.POLLOUT)
+        try:
+            while (pieces := self._queue.get()) is not None and not self._stopping:
+                while pieces:
+                    try:
+                        sent = sock.sendmsg(pieces[:_IOV_MAX])
+                    except BlockingIOError:
+                        sent = 0
+                    pieces = _unsent(pieces, sent)
+                    if pieces:
+                        room.poll()
+        except OSError as err:
+            if not self._stopping:
+                self._on_broken(err)
+        except BaseException as err:  # a bug here must not leave requests unsent silently
+            self._on_broken(OSError(f"socket writer failed: {type(err).__name__}: {err}"))
+            raise
+        finally:
+            sock.close()
+
+
+def _writer(conn: AIOKafkaConnection) -> SocketWriter | None:
+    """``conn``'s writer thread, started on its first use where the connection is plain TCP
+    with nothing buffered (TLS and SASL-wrapped transports keep writing on the loop)."""
+    writer = vars(conn).get("streamer_writer")
+    if writer is not None:
+        return writer
+    transport = conn._writer.transport
+    if (
+        type(transport) is not _SOCKET_TRANSPORT
+        or transport.get_write_buffer_size()
+        or transport.is_closing()
+    ):
+        return None
+    loop, ref = conn._loop, weakref.ref(conn)
+
+    def broken(err: OSError) -> None:  # on the writer's thread
+        try:
+            loop.call_soon_threadsafe(_broken, ref, writer, err)
+        except RuntimeError:  # the loop is closed: nothing is waiting on this connection
+            pass
+
+    name = f"streamer-send-{conn._host}:{conn._port}"
+    writer = SocketWriter(transport._sock, broken, name)  # type: ignore[attr-defined]
+    conn.streamer_writer = writer  # type: ignore[attr-defined]
+    weakref.finalize(conn, writer.stop)  # a connection dropped without close()
+    return writer
+
+
+def _broken(ref: weakref.ref[AIOKafkaConnection], writer: SocketWriter, err: OSError) -> None:
+    """A write failed: close the connection (its requests fail and are retried), as aiokafka
+    does when its own write fails."""
+    conn = ref()
+    if conn is not None and vars(conn).get("streamer_writer") is writer:
+        log.warning("connection to %s:%s broken while writing: %s", conn._host, conn._port, err)
+        conn.close(reason=CloseReason.CONNECTION_BROKEN, exc=err)
+
+
+def _conn_close(conn: AIOKafkaConnection, reason: Any = None, exc: Any = None) -> Any:
+    """``AIOKafkaConnection.close``, stopping the connection's writer thread first."""
+    writer = vars(conn).pop("streamer_writer", None)
+    if writer is not None:
+        writer.stop()
+    return AIOKafkaConnection.close(conn, reason=reason, exc=exc)
 
 
 def _conn_send(conn: AIOKafkaConnection, request: Any, expect_response: bool = True) -> Any:
-    """``AIOKafkaConnection.send`` (aiokafka 0.14), the request written in pieces when flat."""
-    if not getattr(request, "streamer_flat", False):
+    """``AIOKafkaConnection.send`` (aiokafka 0.14): a flat request is written in pieces, and
+    every request by the connection's writer thread once it has one (so they stay in order)."""
+    flat = getattr(request, "streamer_flat", False)
+    writer = vars(conn).get("streamer_writer")
+    if not flat and writer is None:
         return AIOKafkaConnection.send(conn, request, expect_response=expect_response)
     if conn._writer is None:
         raise errors.KafkaConnectionError(f"No connection to broker at {conn._host}:{conn._port}")
     struct = request.prepare(conn._versions)
     correlation_id = conn._next_correlation_id()
     header = struct.build_request_header(correlation_id=correlation_id, client_id=conn._client_id)
-    pieces = _struct_pieces(struct, [b"", header.encode()])
+    pieces = [b"", header.encode()]
+    if flat:
+        _struct_pieces(struct, pieces)
+    else:
+        pieces.append(struct.encode())
     pieces[0] = Int32.encode(sum(map(len, pieces)))
-    try:
-        write_pieces(conn._writer.transport, pieces)
-    except OSError as err:
-        conn.close(reason=CloseReason.CONNECTION_BROKEN)
-        raise errors.KafkaConnectionError(
-            f"Connection at {conn._host}:{conn._port} broken: {err}"
-        ) from err
+    # a writer thread only for requests with a response (acks=0 keeps the transport's flow
+    # control: nothing else would bound what waits to be written)
+    if writer is None and expect_response:
+        writer = _writer(conn)
+    if writer is not None:
+        writer.write(pieces)
+    else:
+        try:
+            write_pieces(conn._writer.transport, pieces)
+        except OSError as err:
+            conn.close(reason=CloseReason.CONNECTION_BROKEN)
+            raise errors.KafkaConnectionError(
+                f"Connection at {conn._host}:{conn._port} broken: {err}"
+            ) from err
     if not expect_response:
         return conn._writer.drain()
     loop = conn._loop
@@ -145,6 +289,7 @@ def _gathering(conn: AIOKafkaConnection | None) -> None:
     """Let ``conn`` write flat requests in pieces (once per connection; others unchanged)."""
     if conn is not None and "send" not in vars(conn):
         conn.send = functools.partial(_conn_send, conn)  # type: ignore[method-assign]
+        conn.close = functools.partial(_conn_close, conn)  # type: ignore[method-assign]
 
 
 def _flat(request: Any) -> Any:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
+import threading
 from typing import Any
 
 import pytest
@@ -12,7 +15,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.protocol.produce import ProduceRequest
 
 from streamer.kafka.broker import create_topics
-from streamer.kafka.produce import _send_produce_req, flat_encode, install, write_pieces
+from streamer.kafka.produce import (
+    SocketWriter,
+    _send_produce_req,
+    flat_encode,
+    install,
+    write_pieces,
+)
 from tests.support import read_topic
 
 VERSIONS = [cls.API_VERSION for cls in ProduceRequest._CLASSES]
@@ -104,8 +113,13 @@ async def test_an_installed_producer_delivers_through_gathering_connections(
             await producer.send_and_wait(topic, value, key=b"%d" % i, partition=i % 2)
         conns = list(producer.client._conns.values())
         assert any("send" in vars(conn) for conn in conns)  # written in pieces since
+        writers = [vars(c)["streamer_writer"] for c in conns if "streamer_writer" in vars(c)]
+        assert writers and all(w.alive for w in writers)  # ... by a writer thread
     finally:
         await producer.stop()
+    for writer in writers:  # closing the connection ends its thread
+        writer.join(5)
+        assert not writer.alive
     got = await read_topic(broker, topic, expect=len(values))
     assert sorted((m.key, m.value) for m in got) == sorted(
         (b"%d" % i, v) for i, v in enumerate(values)
@@ -146,3 +160,114 @@ async def test_a_flat_request_without_a_response_times_out_and_an_answered_one_d
         await asyncio.wait_for(unanswered, 5)
     await asyncio.sleep(0.1)  # past the timeout: the answered one keeps its response
     assert answered.result() == "response"
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair; ours non-blocking, as an asyncio transport's socket is."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ours = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+    ours.setblocking(False)
+    return ours, peer
+
+
+def _read_all(sock: socket.socket, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n and (part := sock.recv(1 << 20)):
+        got.extend(part)
+    return bytes(got)
+
+
+def test_a_writer_thread_delivers_requests_whole_and_in_order_past_the_socket_buffer() -> None:
+    ours, peer = _pair()
+    broken: list[OSError] = []
+    writer = SocketWriter(ours, broken.append, "test-writer")
+    requests = [
+        [b"head", os.urandom(8 << 20), bytearray(os.urandom(3)), b"", memoryview(os.urandom(99))],
+        [b"x"] * 3000,  # more pieces than one sendmsg() takes
+        [b"next", os.urandom(8 << 20)],
+    ]
+    for pieces in requests:
+        writer.write(pieces)
+    expected = b"".join(b"".join(p) for p in requests)
+    assert _read_all(peer, len(expected)) == expected
+    writer.stop()
+    writer.join(5)
+    assert not writer.alive and broken == []
+    ours.close()
+    peer.close()
+
+
+def test_the_writer_writes_on_its_own_descriptor_when_the_socket_is_closed_and_reused() -> None:
+    """The transport closes its socket whenever it likes; the number may go to a new socket
+    at once. What the writer still had to write goes to its own connection, never that one."""
+    ours, peer = _pair()
+    writer = SocketWriter(ours, lambda err: None, "test-writer")
+    ours.close()
+    newcomer, newcomer_peer = _pair()  # very likely the number just freed
+    writer.write([b"for the old peer"])
+    assert _read_all(peer, 16) == b"for the old peer"
+    newcomer_peer.setblocking(False)
+    with pytest.raises(BlockingIOError):  # nothing arrived on the other connection
+        newcomer_peer.recv(100)
+    writer.stop()
+    writer.join(5)
+    assert not writer.alive
+    for s in (peer, newcomer, newcomer_peer):
+        s.close()
+
+
+def test_stop_wakes_a_writer_waiting_on_a_peer_that_stopped_reading() -> None:
+    ours, peer = _pair()
+    broken: list[OSError] = []
+    writer = SocketWriter(ours, broken.append, "test-writer")
+    writer.write([os.urandom(64 << 20)])  # far more than the socket buffers hold
+    writer.stop()
+    writer.join(10)
+    assert not writer.alive and broken == []  # stopping is not a broken connection
+    ours.close()
+    peer.close()
+
+
+def test_a_write_error_reaches_on_broken() -> None:
+    ours, peer = _pair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset
+    failed = threading.Event()
+    broken: list[OSError] = []
+
+    def on_broken(err: OSError) -> None:
+        broken.append(err)
+        failed.set()
+
+    writer = SocketWriter(ours, on_broken, "test-writer")
+    for _ in range(3):  # the first write may still be taken before the reset is seen
+        writer.write([os.urandom(1 << 20)])
+    assert failed.wait(10)
+    writer.join(5)
+    assert not writer.alive and isinstance(broken[0], OSError)
+    ours.close()
+
+
+async def test_a_broken_write_closes_the_connection_and_the_request_is_retried(
+    broker: str, topic: str
+) -> None:
+    """The writer's socket fails under a live producer: its connection is closed (the request
+    fails, aiokafka retries it on a new connection) and every record still arrives."""
+    await create_topics(broker, {topic: 1})
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", retry_backoff_ms=50)
+    install(producer)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"first", partition=0)
+        await producer.send_and_wait(topic, b"second", partition=0)  # now through a writer
+        (conn,) = [c for c in producer.client._conns.values() if "streamer_writer" in vars(c)]
+        old = vars(conn)["streamer_writer"]
+        old._sock.shutdown(socket.SHUT_WR)  # the next write fails in the thread
+        await asyncio.wait_for(producer.send_and_wait(topic, b"third", partition=0), 30)
+        old.join(5)
+        assert not old.alive and not conn.connected()
+    finally:
+        await producer.stop()
+    got = await read_topic(broker, topic, expect=3)
+    assert [m.value for m in got] == [b"first", b"second", b"third"]
