@@ -88,7 +88,7 @@ def _free_memory(cuda: bool) -> None:
 
 def _log_failure(future: Any) -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.error("freeing a released model's memory failed: %r", future.exception())
+        log.error("work left to a stage thread failed: %r", future.exception())
 
 
 def _usable_cores() -> int:
@@ -201,6 +201,13 @@ class InferenceWorker:
         """Serialise results into record batches (whole inference batches)."""
         assert self._encode_pool is not None, "start() first"
         return await asyncio.get_running_loop().run_in_executor(self._encode_pool, fn, *args)
+
+    def on_encode_thread(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn()`` on the encode thread, later; not awaited, a failure is logged.
+        RuntimeError when the thread is not running."""
+        if self._encode_pool is None:
+            raise RuntimeError("the encode thread is not running")
+        self._encode_pool.submit(fn).add_done_callback(_log_failure)
 
     def thread_alive(self) -> bool:
         """False once the inference thread has died (or before it started)."""

@@ -296,7 +296,10 @@ class Telemetry:
             self._kid(m.dead_lettered, topic, reason).inc(n)
         observe_many(m.end_to_end, end_to_end)
         self.latencies.add(fetch_latencies)
-        # (a system call: per report, not per ack; a report follows the last ack soon enough)
+
+    def loop_cpu_mark(self) -> None:
+        """On the event loop, soon after acknowledgements (a system call: not one per ack):
+        the loop thread's CPU time that :meth:`loop_cpu_per_record_s` runs to."""
         self._loop_cpu_at_last_ack = time.thread_time()
 
     def buffered(self, flush: Callable[[], None]) -> None:

@@ -52,6 +52,7 @@ from streamer.models.worker import InferenceWorker, Inferred
 from streamer.observability.metrics import PartitionLag
 from streamer.observability.telemetry import Telemetry
 from streamer.serving.requests import ApiRequest, answer_requests, started
+from streamer.stream.acks import AckReports
 from streamer.stream.batcher import Batcher, BatcherClosed, Rows
 from streamer.stream.breaker import Breaker
 from streamer.stream.encode import Encoder
@@ -63,9 +64,6 @@ from streamer.stream.spans import batch_span, send_span
 log = logging.getLogger(__name__)
 
 _DONE = object()  # end-of-stream marker on the stage queues
-# Acknowledgements are counted at once (progress, waiters) and their metrics reported together
-# at most this often: one report per produce response was ~10 % of the loop's time (py-spy).
-ACK_REPORT_S = 0.1
 
 
 class PipelineFailed(RuntimeError):
@@ -118,9 +116,9 @@ class Pipeline:
         self._prepare_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
         self._encode_q: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
         self._preparing = 0
-        self._acks: list[OutBatch] = []  # acknowledged, metrics not yet reported
-        self._ack_report: asyncio.TimerHandle | None = None
-        telemetry.buffered(self._report_acks)
+        # acknowledgements' metrics: reported per 100 ms, on the encode thread
+        self._acks = AckReports(telemetry, worker.on_encode_thread)
+        telemetry.buffered(self._acks.flush)
         self._revoking: set[TopicPartition] = set()
         self._revocations = 0  # bumped by every revoke: rows prepared before one are checked
         self._dest: Destinations | None = None
@@ -238,7 +236,7 @@ class Pipeline:
         await self._bounded(self.publisher.flush(), left(0.1), "flushing the producer")
         await self._bounded(self._commit(), left(0.1), "the final commit")
         await self._bounded(self.consumer.stop(), left(1.0), "leaving the group")
-        self._report_acks()
+        self._acks.flush()
         return drained
 
     def _abandon_queued(self) -> None:
@@ -531,44 +529,8 @@ class Pipeline:
         if moved:
             self._commit_wanted.set()
         out.acked_at = time.monotonic()
-        self._acks.append(out)
-        if self._ack_report is None:
-            self._ack_report = asyncio.get_running_loop().call_later(
-                ACK_REPORT_S, self._report_acks
-            )
+        self._acks.add(out)  # its metrics, reported with others' (see streamer.stream.acks)
         self.telemetry.acked(len(out))
-
-    def _report_acks(self) -> None:
-        """The metrics of the record batches acknowledged since the last report, in one
-        telemetry call (counters and latency histograms per report, not per produce response);
-        the latencies run to each batch's own acknowledgement."""
-        if self._ack_report is not None:
-            self._ack_report.cancel()
-            self._ack_report = None
-        outs, self._acks = self._acks, []
-        if not outs:
-            return
-        published: Counter[tuple[str, str, str]] = Counter()
-        dead: Counter[tuple[str, str]] = Counter()
-        fetched, stamps, sizes, acked_at = [], [], [], []
-        for out in outs:
-            if out.dead_letters:
-                dead.update(out.labels)
-            else:
-                published.update(out.result_labels())
-            assert out.fetched_at is not None and out.timestamps_ms is not None  # finish() set
-            fetched.append(out.fetched_at)
-            stamps.append(out.timestamps_ms)
-            sizes.append(len(out.fetched_at))
-            acked_at.append(out.acked_at)
-        acked = np.repeat(np.array(acked_at), sizes)
-        fetch_latencies = acked - np.concatenate(fetched)
-        ts = np.concatenate(stamps)
-        wall = acked + (time.time() - time.monotonic())  # the acks on the wall clock
-        live = ts > 0
-        self.telemetry.ack_metrics(
-            published, dead, fetch_latencies, np.maximum(0.0, wall[live] - ts[live] / 1000)
-        )
 
     def _rejected(self, out: OutBatch, exc: BaseException) -> None:
         """The broker refused a single record as too large: a result goes to the DLQ; a dead
