@@ -222,12 +222,14 @@ class Publisher:
         self._producer: AIOKafkaProducer | None = None
         self._retries: set[asyncio.Task[None]] = set()
         self._unacked = 0  # records sent and not yet acknowledged or handed back
+        self._metadata_updates = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(**producer_kwargs(self._cfg))
         flat_produce(self._producer)  # one copy of the results' bytes per request, not six
+        self._producer.client.cluster.add_listener(self._metadata_updated)
         backoff = Backoff(self._cfg)
         while True:
             try:
@@ -246,6 +248,15 @@ class Publisher:
     @property
     def unacked(self) -> int:
         return self._unacked
+
+    @property
+    def metadata_updates(self) -> int:
+        """Metadata updates the producer received: what :meth:`partitions` returns for a topic
+        changes only when this does."""
+        return self._metadata_updates
+
+    def _metadata_updated(self, _cluster: Any) -> None:
+        self._metadata_updates += 1
 
     def builder_factory(self) -> Callable[[], BatchBuilder]:
         """Makes empty record batches of up to ``max_request_size`` bytes with the producer's

@@ -374,3 +374,17 @@ async def test_an_outage_is_retried_and_every_record_delivered_once() -> None:
         assert reports.delivered() == Counter((0, i) for i in range(5))
         got = await read_topic(bootstrap, "outage", expect=5)
         assert [m.value for m in sorted(got, key=lambda m: m.offset)] == values
+
+
+async def test_metadata_updates_are_counted(broker: str, topic: str) -> None:
+    """What lets the pipeline keep its destinations until the producer's metadata changes."""
+    await create_topics(broker, {topic: 2})
+    pub = await started(Reports(), broker)
+    try:
+        assert pub.metadata_updates >= 1  # the producer's start fetched the cluster's
+        assert (await pub.partitions(topic)).every == [0, 1]
+        seen = pub.metadata_updates
+        assert await pub.producer.client.force_metadata_update()
+        assert pub.metadata_updates > seen
+    finally:
+        await pub.stop()
