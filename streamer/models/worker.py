@@ -32,6 +32,7 @@ from streamer.config import RuntimeConfig
 from streamer.memory import refreeze_gc
 from streamer.models.hf import TextModel
 from streamer.models.shapes import length_groups
+from streamer.models.stage_thread import StageThread
 from streamer.stream.records import InferenceFailed, RecordError, TokenizationFailed
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,9 @@ class InferenceWorker:
     ) -> None:
         self._runtime = runtime
         self._warmup = (warmup_batch_size, warmup_batch_tokens)
-        self._infer_pool: ThreadPoolExecutor | None = None
-        self._prepare_pool: ThreadPoolExecutor | None = None
-        self._encode_pool: ThreadPoolExecutor | None = None
+        self._infer_pool: StageThread | None = None
+        self._prepare_pool: StageThread | None = None
+        self._encode_pool: StageThread | None = None
         self._load_pool: ThreadPoolExecutor | None = None
         self.busy_since: float | None = None  # monotonic start of the running batch
         self._thread: threading.Thread | None = None
@@ -143,11 +144,9 @@ class InferenceWorker:
 
     async def start(self) -> None:
         """Create the threads; the inference thread applies its settings right away."""
-        self._infer_pool = ThreadPoolExecutor(
-            1, thread_name_prefix="streamer-infer", initializer=self._init_infer_thread
-        )
-        self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="streamer-prepare")
-        self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="streamer-encode")
+        self._infer_pool = StageThread("streamer-infer_0", initializer=self._init_infer_thread)
+        self._prepare_pool = StageThread("streamer-prepare_0")
+        self._encode_pool = StageThread("streamer-encode_0")
         # Loads and warm-ups of new versions run here, beside the serving model.
         self._load_pool = ThreadPoolExecutor(
             1, thread_name_prefix="streamer-load", initializer=self._init_load_thread
@@ -182,32 +181,33 @@ class InferenceWorker:
         return model
 
     async def stop(self) -> None:
-        pools = (self._load_pool, self._prepare_pool, self._encode_pool, self._infer_pool)
-        for pool in pools:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        if self._load_pool is not None:
+            self._load_pool.shutdown(wait=True, cancel_futures=True)
+        for stage in (self._prepare_pool, self._encode_pool, self._infer_pool):
+            if stage is not None:
+                stage.shutdown(wait=True)
 
     # -- threads ------------------------------------------------------------------------------
     async def run_infer(self, fn: Callable[..., R], *args: Any) -> R:
         assert self._infer_pool is not None, "start() first"
-        return await asyncio.get_running_loop().run_in_executor(self._infer_pool, fn, *args)
+        return await self._infer_pool.run(fn, *args)
 
     async def run_prepare(self, fn: Callable[..., R], *args: Any) -> R:
         """Decode, route and tokenize (whole fetched chunks)."""
         assert self._prepare_pool is not None, "start() first"
-        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
+        return await self._prepare_pool.run(fn, *args)
 
     async def run_encode(self, fn: Callable[..., R], *args: Any) -> R:
         """Serialise results into record batches (whole inference batches)."""
         assert self._encode_pool is not None, "start() first"
-        return await asyncio.get_running_loop().run_in_executor(self._encode_pool, fn, *args)
+        return await self._encode_pool.run(fn, *args)
 
     def on_encode_thread(self, fn: Callable[[], Any]) -> None:
         """Run ``fn()`` on the encode thread, later; not awaited, a failure is logged.
         RuntimeError when the thread is not running."""
         if self._encode_pool is None:
             raise RuntimeError("the encode thread is not running")
-        self._encode_pool.submit(fn).add_done_callback(_log_failure)
+        self._encode_pool.submit(fn)
 
     def thread_alive(self) -> bool:
         """False once the inference thread has died (or before it started)."""
