@@ -291,17 +291,13 @@ class Batcher:
         return Rows.concat([first, extra])
 
     def _take_from(self, groups: dict[Hashable, _Pending], key: Hashable, group: _Pending) -> Rows:
-        # In arrival order a batch is a prefix of at most max_batch_size rows: merging more (a
-        # copy of every column, object arrays included) would only be split off again.
-        limit = self.max_batch_size * (1 if self.ordered else POOL_BATCHES)
+        if self.ordered:
+            return self._take_prefix(groups, key, group)
+        limit = self.max_batch_size * POOL_BATCHES
         head = group.head(limit)
         pool = head if len(head) <= limit else head.take(slice(0, limit))
         lengths = np.maximum(pool.lengths, 1)
-        if self.ordered:
-            k = prefix(lengths, self)
-            batch = head if k == len(head) else head.take(slice(0, k))
-            rest = None if k == len(head) else head.take(slice(k, None))
-        elif (
+        if (
             len(pool) == group.rows
             and len(pool) <= self.max_batch_size
             and len(pool) * int(lengths.max()) <= self.max_batch_tokens
@@ -325,6 +321,40 @@ class Batcher:
             del groups[key]
         return batch
 
+    def _take_prefix(
+        self, groups: dict[Hashable, _Pending], key: Hashable, group: _Pending
+    ) -> Rows:
+        """In arrival order: the longest run of the oldest rows that fits (:func:`prefix`).
+        Only the batch's rows are copied (every column, object arrays included): the part it
+        ends in is split with views, the rows that stay behind are not merged or copied."""
+        parts, limit = group.parts, self.max_batch_size
+        n, i = 0, 0
+        while i < len(parts) and n < limit:
+            n += len(parts[i])
+            i += 1
+        if i == 1:
+            lengths = parts[0].lengths
+        else:
+            lengths = np.concatenate([p.lengths for p in parts[:i]])
+        k = prefix(np.maximum(lengths, 1), self)
+        taken, left = [], k
+        while left:
+            part = parts[0]
+            if len(part) <= left:
+                taken.append(part)
+                del parts[0]
+                left -= len(part)
+            else:
+                taken.append(part.take(slice(0, left)))
+                parts[0] = part.take(slice(left, None))
+                left = 0
+        batch = Rows.concat(taken)
+        group.rows -= len(batch)
+        group.tokens -= batch.tokens
+        if not parts:
+            del groups[key]
+        return batch
+
 
 def fill(first: np.ndarray, more: np.ndarray, limits: Batcher) -> int:
     """How many of ``more`` (in order) join a batch of rows of lengths ``first`` within
@@ -342,6 +372,8 @@ def prefix(lengths: np.ndarray, limits: Batcher) -> int:
     padded size (rows × its longest row) fits the token budget, at most ``max_batch_size`` rows
     (at least one). Vectorized with a running maximum."""
     n = min(len(lengths), limits.max_batch_size)
+    if n * int(lengths[:n].max()) <= limits.max_batch_tokens:
+        return n  # all of them fit (the usual case): no running maximum needed
     widest = np.maximum.accumulate(lengths[:n])
     fits = np.arange(1, n + 1) * widest <= limits.max_batch_tokens
     return int(np.flatnonzero(fits)[-1]) + 1 if fits[0] else 1

@@ -388,3 +388,23 @@ async def test_ordered_never_reorders_and_respects_the_limits(seed: int) -> None
         assert len(batch) == 1 or len(batch) * int(batch.lengths.max()) <= 64
         seen += ids_of(batch)
     assert seen == sorted(seen, key=lambda s: int(s.split("-")[1]))
+
+
+async def test_ordered_batches_span_blocks_and_split_the_last_one_with_columns_aligned() -> None:
+    """A batch takes whole blocks, then the start of the one it ends in; what stays behind is
+    counted and comes next, every column of a row still together."""
+    b = make(max_batch_size=5, max_batch_tokens=10_000, ordered=True)
+    blocks = [rows([1, 2, 3]), rows([4, 5, 6, 7]), rows([8, 9, 10, 11])]
+    for block in blocks:
+        b.put(block)
+    first = await b.next_batch()
+    assert first.lengths.tolist() == [1, 2, 3, 4, 5]
+    assert len(b) == 6 and b.pending_tokens == 6 + 7 + 8 + 9 + 10 + 11
+    b.close()
+    rest = await drain_async(b)
+    assert [x.lengths.tolist() for x in rest] == [[6, 7, 8, 9, 10], [11]]
+    for batch in [first, *rest]:
+        columns = (ids_of(batch), batch.ids.tolist(), batch.lengths.tolist())
+        for rid, ids, n in zip(*columns, strict=True):
+            assert ids == [int(rid.split("-")[1])] * n  # id, tokens and length of one row
+    assert len(b) == 0
