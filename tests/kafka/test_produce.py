@@ -29,7 +29,7 @@ VERSIONS = [cls.API_VERSION for cls in ProduceRequest._CLASSES]
 
 def request(transactional_id: str | None) -> ProduceRequest:
     topics = [
-        ("results", [(0, os.urandom(5000)), (3, bytearray(os.urandom(70))), (1, b"")]),
+        ("results", [(0, os.urandom(5000)), (3, bytearray(os.urandom(70))), (1, b""), (2, None)]),
         ("results.dlq", [(0, os.urandom(300))]),
     ]
     return ProduceRequest(
@@ -48,6 +48,23 @@ def test_the_same_bytes_as_aiokafka(version: int, transactional_id: str | None) 
         return
     assert struct.API_VERSION == version
     assert flat_encode(struct) == struct.encode()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("client_id", ["streamer", "strömer-ünïcode", ""])
+def test_the_same_header_as_aiokafka(version: int, client_id: str) -> None:
+    from aiokafka.protocol.admin import DeleteRecordsRequest
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    from streamer.kafka.produce import _header
+
+    produce = request(None).prepare({0: (version, version)})
+    metadata = MetadataRequest(topics=["a"]).prepare({3: (0, 5)})
+    flexible = DeleteRecordsRequest(topics=[("a", [(0, 5)])], timeout_ms=100).prepare({21: (2, 2)})
+    assert flexible.FLEXIBLE_VERSION  # header v2, with tagged fields
+    for struct_ in (produce, metadata, flexible):
+        expected = struct_.build_request_header(correlation_id=77, client_id=client_id).encode()
+        assert _header(struct_, 77, client_id) == expected
 
 
 async def test_installed_on_one_producer_only() -> None:
