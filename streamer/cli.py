@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from streamer import __version__
+from streamer import __version__, eventloop
 from streamer.config import ConfigError, load_config
 
 EPILOG = """\
@@ -328,10 +327,10 @@ def _run_service(args: argparse.Namespace) -> int:
         if cfg.runtime.processes > 1:
             from streamer.supervisor import supervise
 
-            return asyncio.run(supervise(cfg, args.config))
+            return eventloop.run(supervise(cfg, args.config))
         from streamer.app import serve
 
-        return asyncio.run(serve(cfg, args.config))
+        return eventloop.run(serve(cfg, args.config))
     except Exception as exc:
         logging.getLogger("streamer").error("fatal: %s: %s", type(exc).__name__, exc)
         return 1

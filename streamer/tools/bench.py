@@ -67,6 +67,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from streamer import eventloop
 from streamer.config import KafkaConfig, ModelConfig, load_config
 from streamer.kafka.broker import EmbeddedBroker, create_topics
 from streamer.observability.logs import setup_logging
@@ -837,7 +838,7 @@ def _run_streamer(console: Console, plan: Plan, bootstrap: str, results: dict[st
         with _attempt(console, plan, results, f"streamer {v.name}"):
             topic = _input(console, plan, bootstrap, INPUT_TOPIC, plan.texts)
             with console.status(f"streamer {v.name}: end to end through the embedded broker…"):
-                results["streamer"][v.name] = asyncio.run(
+                results["streamer"][v.name] = eventloop.run(
                     end_to_end(
                         bootstrap,
                         plan.service_over(plan.model(v)),
@@ -855,7 +856,7 @@ def _run_encodings(console: Console, plan: Plan, bootstrap: str, results: dict[s
             topic = _input(console, plan, bootstrap, INPUT_TOPIC, plan.texts)
             over = plan.service_over(plan.model(plan.reference), output={"embedding_encoding": enc})
             with console.status(f"streamer torch-fp32, output {enc}…"):
-                results["encodings"][enc] = asyncio.run(
+                results["encodings"][enc] = eventloop.run(
                     end_to_end(
                         bootstrap, over, plan.texts, topic, run=f"bench-enc-{enc}", produce=False
                     )
@@ -868,7 +869,7 @@ def _run_low_load(console: Console, plan: Plan, bootstrap: str, results: dict[st
         _attempt(console, plan, results, "low-load"),
         console.status(f"streamer torch-fp32 at a steady {rate:.0f} records/s…"),
     ):
-        results["low_load"] = asyncio.run(
+        results["low_load"] = eventloop.run(
             steady_latency(
                 bootstrap,
                 plan.service_over(plan.model(plan.reference)),
@@ -934,7 +935,7 @@ def _run_no_model(console: Console, plan: Plan, bootstrap: str, results: dict[st
             _attempt(console, plan, results, label),
             console.status(f"{label} on {plan.no_model_records} records…"),
         ):
-            results[key] = asyncio.run(
+            results[key] = eventloop.run(
                 end_to_end(
                     bootstrap,
                     plan.service_over(NULL_MODEL, output={"embedding_encoding": encoding}),
@@ -955,7 +956,7 @@ def _run_order(console: Console, plan: Plan, bootstrap: str, results: dict[str, 
         over = plan.service_over(plan.model(plan.reference))
         over["batching"] = {**over["batching"], "order": "none"}
         with console.status("streamer torch-fp32, batching.order none…"):
-            results["order"]["none"] = asyncio.run(
+            results["order"]["none"] = eventloop.run(
                 end_to_end(
                     bootstrap, over, plan.texts, topic, run="bench-order-none", produce=False
                 )
@@ -970,7 +971,7 @@ def _run_api(console: Console, plan: Plan, bootstrap: str, results: dict[str, An
         _attempt(console, plan, results, "api"),
         console.status("HTTP API: idle at concurrency 1 and 32, then queries under a backlog…"),
     ):
-        results["api"] = asyncio.run(
+        results["api"] = eventloop.run(
             api_bench(bootstrap, plan.service_over(plan.model(plan.reference)), plan.texts)
         )
 
@@ -982,7 +983,7 @@ def _run_compression(console: Console, plan: Plan, bootstrap: str, results: dict
         with _attempt(console, plan, results, f"compression {codec}"):
             topic = _input(console, plan, bootstrap, RAW_TOPIC, plan.raw_texts)
             with console.status(f"streamer no-model, kafka.compression_type={codec}…"):
-                results["compression"][codec] = asyncio.run(
+                results["compression"][codec] = eventloop.run(
                     compression_row(
                         bootstrap, plan.service_over(NULL_MODEL), plan.raw_texts, topic, codec
                     )
@@ -1004,7 +1005,7 @@ def _run_processes(console: Console, plan: Plan, bootstrap: str, results: dict[s
             with _attempt(console, plan, results, label):
                 topic = _input(console, plan, bootstrap, topic_name, texts)
                 with console.status(f"streamer run, runtime.processes={n}, {name}…"):
-                    row = asyncio.run(
+                    row = eventloop.run(
                         multi_process(
                             bootstrap,
                             plan.service_over(model),

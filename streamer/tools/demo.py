@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from streamer import eventloop
 from streamer.config import load_config
 from streamer.kafka.broker import EmbeddedBroker, create_topics, free_port
 from streamer.observability.logs import setup_logging
@@ -34,7 +34,7 @@ def run_demo(records: int, model_path: Path | None, batch_size: int) -> int:
         broker = EmbeddedBroker()
         broker.start()
     try:
-        return asyncio.run(_demo(console, broker.bootstrap, records, path, batch_size))
+        return eventloop.run(_demo(console, broker.bootstrap, records, path, batch_size))
     finally:
         broker.stop()
 

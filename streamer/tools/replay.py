@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from streamer import eventloop
 from streamer.config import ConfigError, KafkaConfig, load_config
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,7 @@ def run_replay(args: argparse.Namespace) -> int:
         bar.update(task, completed=done, total=total)
 
     with bar:
-        summary = asyncio.run(replay_dlq(opts, advance))
+        summary = eventloop.run(replay_dlq(opts, advance))
     print_summary(Console(), summary, opts)
     return 0
 

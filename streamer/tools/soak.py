@@ -54,6 +54,7 @@ import orjson
 import psutil
 import yaml
 
+from streamer import eventloop
 from streamer.kafka.broker import EmbeddedBroker, create_topics, free_port
 
 if TYPE_CHECKING:  # rich is imported where it is used: `streamer run` builds this parser too
@@ -794,7 +795,7 @@ def run_soak(args: argparse.Namespace) -> int:
     try:
         plan.check()
         with EmbeddedBroker() as broker:
-            result = asyncio.run(soak(broker.bootstrap, plan, console))
+            result = eventloop.run(soak(broker.bootstrap, plan, console))
     except SoakError as exc:
         console.print(f"[red]streamer soak: {escape(str(exc))}[/]", highlight=False)
         return 1
