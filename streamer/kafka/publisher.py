@@ -37,6 +37,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from streamer.config import KafkaConfig
 from streamer.kafka.client import Backoff, backoff_s, producer_kwargs
+from streamer.kafka.murmur2 import murmur2_many
 from streamer.kafka.produce import install as flat_produce
 from streamer.stream.records import Chunk, Headers, RecordError
 
@@ -97,6 +98,11 @@ class Partitions:
 
     def for_key(self, key: bytes | None, keyless: int) -> int:
         return keyless if key is None else _PARTITIONER(key, self.every, self.available)
+
+    def for_keys(self, keys: list[bytes]) -> list[int]:
+        """``for_key`` of each key (none None), hashed together (see :mod:`.murmur2`)."""
+        every = np.asarray(self.every)
+        return every[(murmur2_many(keys) & 0x7FFFFFFF) % len(every)].tolist()
 
 
 @dataclass(slots=True, eq=False)

@@ -53,6 +53,7 @@ class Encoder:
         chunks, index = batch.chunks.tolist(), batch.index.tolist()
         record_ids, traces = batch.record_ids.tolist(), batch.trace.tolist()
         tombs = set(np.flatnonzero(batch.lengths == 0).tolist())
+        out.expect([c.messages[i].key for c, i in zip(chunks, index, strict=True)])
         for j, chunk in enumerate(chunks):
             i = index[j]
             if j in tombs:  # a delete passes through, in its place in the partition's order

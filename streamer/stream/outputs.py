@@ -40,13 +40,19 @@ class Outputs:
         self._sizes: dict[tuple[str, int], int] = {}
         self._full: list[OutBatch] = []  # batches closed because the next record would not fit
         self._keyless: dict[str, int] = {}
+        self._keyed: dict[bytes, int] = {}  # result keys' partitions, hashed together
         self.spans: list[Any] = []  # ended once every batch of this call is acknowledged
 
     def _group(self, parts: Partitions, key: bytes | None, dead: bool, size: int) -> OutBatch:
         keyless = self._keyless.get(parts.topic)
         if keyless is None:
             keyless = self._keyless[parts.topic] = parts.sticky()
-        partition = parts.for_key(key, keyless)
+        if key is None:
+            partition = keyless
+        elif (known := self._keyed.get(key)) is not None and parts is self._dest.results:
+            partition = known
+        else:
+            partition = parts.for_key(key, keyless)
         where = (parts.topic, partition)
         out = self._groups.get(where)
         if key is None and out is not None and len(parts.available) > 1 and self._over(where, size):
@@ -86,6 +92,14 @@ class Outputs:
         if value is not None and len(value) + _SIZE_MARGIN < limit:
             return False
         return record_size(key, value, headers) > limit
+
+    def expect(self, keys: list[bytes | None]) -> None:
+        """The keys of results about to come: their partitions are hashed in one go (numpy),
+        not one pure-Python murmur2 per record (~3.7 µs each)."""
+        parts = self._dest.results
+        keyed = [k for k in keys if k is not None]
+        if parts is not None and keyed:
+            self._keyed.update(zip(keyed, parts.for_keys(keyed), strict=True))
 
     def result(self, chunk: Chunk, i: int, value: bytes | None, headers: Headers) -> None:
         """A result (``value`` None: a tombstone, the input's delete passed on)."""

@@ -51,10 +51,13 @@ def records(builder: BatchBuilder) -> list:
     return list(DefaultRecordBatch(bytes(builder._build())))
 
 
-def test_partitions_by_key_like_aiokafkas_default_partitioner() -> None:
+@pytest.mark.parametrize("expected", [False, True], ids=["one-by-one", "hashed-together"])
+def test_partitions_by_key_like_aiokafkas_default_partitioner(expected: bool) -> None:
     keys = [f"key-{i}".encode() for i in range(200)]
     c = chunk(keys)
     out = Outputs(dest(), model="m")
+    if expected:  # the encode stage announces a batch's keys: hashed in one go
+        out.expect([*keys, None])
     for i in range(len(keys)):
         out.result(c, i, b"v%d" % i, [])
     batches = out.batches()
@@ -72,6 +75,21 @@ def test_partitions_by_key_like_aiokafkas_default_partitioner() -> None:
     assert len(batches) == 4  # one batch per partition
     for b in batches:  # in call order within a partition
         assert b.rows == sorted(b.rows)
+
+
+def test_a_dead_letter_hashes_its_key_over_the_dlqs_partitions_not_the_results() -> None:
+    """Keys announced for results map over the output topic's partitions only: a dead letter
+    with the same key goes where the DLQ topic's own partition count puts it."""
+    keys = [f"key-{i}".encode() for i in range(50)]
+    c = chunk(keys)
+    out = Outputs(dest(), model="m")
+    out.expect(keys)
+    for i in range(len(keys)):
+        out.dead_letter(c, i, InvalidJson("no"))
+    for b in out.batches():
+        assert b.topic == "dlq"
+        for k in b.keys:
+            assert b.partition == (murmur2(k) & 0x7FFFFFFF) % 2
 
 
 def test_keys_map_over_all_partitions_even_when_some_are_unavailable() -> None:
