@@ -239,7 +239,8 @@ class SocketWriter:
 
 def _writer(conn: AIOKafkaConnection) -> SocketWriter | None:
     """``conn``'s writer thread, started on its first use where the connection is plain TCP
-    with nothing buffered (TLS and SASL-wrapped transports keep writing on the loop)."""
+    (SASL_PLAINTEXT included, once authenticated) with nothing buffered; a TLS transport keeps
+    writing on the loop."""
     writer = vars(conn).get("streamer_writer")
     if writer is not None:
         return writer

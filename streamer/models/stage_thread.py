@@ -65,7 +65,10 @@ class StageThread:
             except queue.Empty:
                 break
             if item is not None and item[0] is not None and item[1] is not None:
-                item[0].call_soon_threadsafe(item[1].cancel)
+                try:
+                    item[0].call_soon_threadsafe(item[1].cancel)
+                except RuntimeError:  # its loop is closed: nobody is waiting any more
+                    pass
         self._queue.put(None)
         if wait and self.thread is not threading.current_thread():
             self.thread.join()
