@@ -145,6 +145,16 @@ def _unsent(pieces: list[Any], sent: int) -> list[Any]:
     return []
 
 
+def _idle_socket(transport: asyncio.BaseTransport) -> bool:
+    """A plain TCP transport (not TLS) with nothing buffered and not closing: the socket can
+    be written directly without overtaking what the transport holds."""
+    return (
+        type(transport) is _SOCKET_TRANSPORT
+        and not transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        and not transport.is_closing()
+    )
+
+
 def write_pieces(transport: asyncio.WriteTransport, pieces: list[Any]) -> None:
     """``transport.write(b"".join(pieces))`` without the join where the transport allows.
 
@@ -155,12 +165,7 @@ def write_pieces(transport: asyncio.WriteTransport, pieces: list[Any]) -> None:
     if _GATHERS:
         transport.writelines(pieces)
         return
-    if (
-        type(transport) is not _SOCKET_TRANSPORT
-        or transport.get_write_buffer_size()
-        or transport.is_closing()
-        or len(pieces) > _IOV_MAX
-    ):
+    if not _idle_socket(transport) or len(pieces) > _IOV_MAX:
         transport.write(b"".join(pieces))
         return
     sock: socket.socket = transport._sock  # type: ignore[attr-defined]
@@ -237,19 +242,12 @@ class SocketWriter:
             sock.close()
 
 
-def _writer(conn: AIOKafkaConnection) -> SocketWriter | None:
-    """``conn``'s writer thread, started on its first use where the connection is plain TCP
-    (SASL_PLAINTEXT included, once authenticated) with nothing buffered; a TLS transport keeps
+def _start_writer(conn: AIOKafkaConnection) -> SocketWriter | None:
+    """A writer thread for ``conn``, where the connection is plain TCP (SASL_PLAINTEXT
+    included, once authenticated) with nothing buffered; None otherwise: a TLS transport keeps
     writing on the loop."""
-    writer = vars(conn).get("streamer_writer")
-    if writer is not None:
-        return writer
     transport = conn._writer.transport
-    if (
-        type(transport) is not _SOCKET_TRANSPORT
-        or transport.get_write_buffer_size()
-        or transport.is_closing()
-    ):
+    if not _idle_socket(transport):
         return None
     loop, ref = conn._loop, weakref.ref(conn)
 
@@ -303,7 +301,7 @@ def _conn_send(conn: AIOKafkaConnection, request: Any, expect_response: bool = T
     # a writer thread only for requests with a response (acks=0 keeps the transport's flow
     # control: nothing else would bound what waits to be written)
     if writer is None and expect_response:
-        writer = _writer(conn)
+        writer = _start_writer(conn)
     if writer is not None:
         writer.write(pieces)
     else:
