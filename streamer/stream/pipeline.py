@@ -121,7 +121,6 @@ class Pipeline:
         telemetry.buffered(self._acks.flush)
         self._revoking: set[TopicPartition] = set()
         self._revocations = 0  # bumped by every revoke: rows prepared before one are checked
-        self._dest: Destinations | None = None
         self._dests: dict[bool, tuple[int, Destinations]] = {}  # by results: (updates seen, ...)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failure: BaseException | None = None
@@ -333,8 +332,6 @@ class Pipeline:
             pub.prebuild,
         )
         self._dests[results] = (seen, dest)  # ... by this one, and looked up again next time
-        if results:
-            self._dest = dest
         return dest
 
     # -- decode, route, tokenize ----------------------------------------------------------------
@@ -544,7 +541,8 @@ class Pipeline:
         """The broker refused a single record as too large: a result goes to the DLQ; a dead
         letter goes again without its value; a value-less dead letter refused is fatal."""
         chunk, i = out.chunks[0], out.rows[0]
-        dlq = self._dest.dlq if self._dest else Partitions(out.topic, [out.partition], [])
+        known = self._dests.get(True)  # the results' destinations last looked up
+        dlq = known[1].dlq if known else Partitions(out.topic, [out.partition], [])
         fallback = Outputs(Destinations(None, dlq, self.cfg.kafka.max_request_size))
         if not out.dead_letters:
             value = out.values[0] or b""

@@ -28,11 +28,11 @@ class _Publisher:
 async def test_destinations_are_looked_up_again_only_after_a_metadata_update() -> None:
     pub = _Publisher()
     kafka = SimpleNamespace(output_topic="out", dlq_topic="dlq", max_request_size=1000)
-    stage = SimpleNamespace(publisher=pub, cfg=SimpleNamespace(kafka=kafka), _dests={}, _dest=None)
+    stage = SimpleNamespace(publisher=pub, cfg=SimpleNamespace(kafka=kafka), _dests={})
 
     first = await Pipeline._destinations(stage, True)  # type: ignore[arg-type]
     assert pub.lookups == ["out", "dlq"] and first.results is not None
-    assert stage._dest is first
+    assert stage._dests[True] == (0, first)  # what _rejected's DLQ fallback reads
     again = await Pipeline._destinations(stage, True)  # type: ignore[arg-type]
     dlq_only = await Pipeline._destinations(stage, False)  # type: ignore[arg-type]
     assert again is first and dlq_only.results is None
