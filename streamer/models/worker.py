@@ -89,7 +89,7 @@ def _free_memory(cuda: bool) -> None:
 
 def _log_failure(future: Any) -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.error("work left to a stage thread failed: %r", future.exception())
+        log.error("freeing a released model's memory failed: %r", future.exception())
 
 
 def _usable_cores() -> int:
