@@ -1,11 +1,12 @@
 """CPU time per record of each of streamer's threads, no model (which thread is the limit?).
 
-Runs the "streamer, no model" row of ``streamer bench`` (NullModel, the embedded broker, 256-row
-batches) and reads every thread's CPU time from ``/proc/self/task`` while it runs. The event
-loop (``MainThread``) is what ``streamer bench`` reports as "loop µs/rec"; the stage threads
-(prepare, infer, encode) and the socket writers run beside it. On a host with cores to spare
-the busiest thread caps records/s at about 1e6 / its µs per record; with float JSON results
-that is the encode thread (orjson writing 384 floats per record holds the GIL).
+Runs the "streamer, no model" row of ``streamer bench`` (its settings: NullModel, the
+embedded broker, 256-row batches) and reads every thread's CPU time from ``/proc/self/task``
+while it runs. The event loop (``MainThread``) is what ``streamer bench`` reports as "loop
+µs/rec"; the stage threads (prepare, infer, encode) and the socket writers run beside it. On a
+host with cores to spare the busiest thread caps records/s at about 1e6 / its µs per record;
+with float JSON results that is the encode thread (orjson writing 384 floats per record holds
+the GIL).
 
     .venv/bin/python bench/thread_cpu.py [--records 30000] [--encoding float|base64-f16]
 
@@ -63,16 +64,15 @@ def main() -> None:
                     seen.setdefault(t.native_id, [t.name, cpu, cpu])[2] = cpu
             stop.wait(0.05)
 
-    over = {
-        "model": bench.NULL_MODEL,
-        "batching": {"max_batch_size": 256, "max_wait_ms": 20, "max_batch_tokens": 256 * 128},
-        "runtime": {"torch_threads": 2},
-        "output": {"embedding_encoding": args.encoding},
-    }
+    # the bench's own no-model settings (batches, threads, the NullModel)
+    plan = bench.make_plan(
+        argparse.Namespace(records=args.records, naive_records=0, only="no-model", out=None)
+    )
+    over = plan.service_over(bench.NULL_MODEL, output={"embedding_encoding": args.encoding})
     broker = EmbeddedBroker()
     broker.start()
     try:
-        texts = sample_texts(args.records, seed=11)
+        texts = plan.raw_texts
         asyncio.run(bench._produce(broker.bootstrap, "in", texts))
         warm = sample_texts(2_000, seed=12)
         asyncio.run(bench._produce(broker.bootstrap, "warm", warm))
@@ -109,7 +109,7 @@ def main() -> None:
     per_role: collections.Counter[str] = collections.Counter()
     for name, first, last in seen.values():
         per_role[_role(name)] += last - first
-    n = args.records
+    n = len(texts)  # the bench's count: at least 20,000
     print(
         f"{n} records, {args.encoding}: {result['records_per_s']:,.0f} records/s end to end, "
         f"loop {result['loop_us_per_record']:.1f} µs/record (the bench's figure), "
