@@ -128,17 +128,23 @@ def issue(
 
 @contextlib.asynccontextmanager
 async def tls_broker(
-    directory: Path, cert: Path, key: Path, *, client_ca: Path | None = None
+    directory: Path,
+    cert: Path,
+    key: Path,
+    *,
+    client_ca: Path | None = None,
+    port: int | None = None,
 ) -> AsyncIterator[str]:
     """A broker of its own that clients reach only through stunnel (TLS); yields bootstrap.
 
     ``client_ca``: stunnel demands a client certificate signed by it (mutual TLS).
+    ``port``: where stunnel listens (default: a free one).
     """
     from streamer.kafka.broker import EmbeddedBroker, free_port
 
     stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
     assert stunnel, "stunnel4 is needed for the TLS tests: apt-get install stunnel4 (.ci/run does)"
-    tls_port = free_port()
+    tls_port = port or free_port()
     broker = EmbeddedBroker(advertised_port=tls_port)  # every client must come through TLS
     broker.start()
     conf = directory / f"stunnel-{tls_port}.conf"

@@ -9,6 +9,7 @@ ones too) are made in the test by tests/certs.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import ssl
 import subprocess
@@ -324,3 +325,49 @@ async def test_tls_start_up_errors_name_the_problem_and_the_key(
     # a broker that is not there (yet) is no certificate problem: left to the clients' backoff
     nobody = kafka(f"127.0.0.1:{free_port()}", mtls(pki))
     assert await check_tls(nobody) == []
+
+
+class _Seen(logging.Handler):
+    """Sets ``event`` when a record whose message contains ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = asyncio.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if self.text in self.messages[-1]:
+            self.event.set()
+
+
+async def test_a_certificate_problem_met_once_the_broker_is_up_is_named(
+    tmp_path: Path, tiny_model: Path, pki: dict[str, Path]
+) -> None:
+    """The first TLS check cannot reach the broker (it starts after us); the check is asked
+    again after each backoff, so the wrong CA still fails start-up with the key to fix instead
+    of an endless retry with no reason."""
+    port = free_port()
+    raw = base_config(f"127.0.0.1:{port}", tiny_model, "tls-late")
+    raw["kafka"]["security"] = mtls(pki, ssl_cafile=str(pki["other_ca"]))
+    raw["kafka"]["max_retry_backoff_ms"] = 300
+    service = Service(load_config(None, **raw))
+    seen = _Seen("producer cannot reach Kafka")
+    client_log = logging.getLogger("streamer.kafka")
+    client_log.addHandler(seen)
+    start = asyncio.create_task(service.start())
+    try:
+        await asyncio.wait_for(seen.event.wait(), 60)
+        assert any("TLS check: cannot reach" in m for m in seen.messages), seen.messages
+        async with tls_broker(
+            tmp_path, pki["server"], pki["server_key"], client_ca=pki["client_ca"], port=port
+        ):
+            with pytest.raises(TlsError) as info:
+                await asyncio.wait_for(start, 60)
+    finally:
+        client_log.removeHandler(seen)
+        start.cancel()
+        await service.close()
+    msg = str(info.value)
+    assert "certificate verify failed" in msg and "kafka.security.ssl_cafile" in msg

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from streamer.config import KafkaConfig
+from streamer.kafka.tls import TLS_PROTOCOLS, check_tls
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,19 @@ def backoff_s(cfg: KafkaConfig, attempt: int) -> float:
 
 
 class Backoff:
-    """Exponential backoff for reconnects: ``retry_backoff_ms`` doubling up to the maximum."""
+    """Exponential backoff for reconnects: ``retry_backoff_ms`` doubling up to the maximum.
+
+    Over TLS, each wait ends with the start-up TLS check again until one server passes it:
+    aiokafka reports a refused certificate as an unreachable broker, so a certificate problem
+    met only after the first check could not reach a server (a broker or TLS proxy that starts
+    after us) would otherwise be retried forever with no reason given. The check raises
+    :class:`~streamer.kafka.tls.TlsError`, which names the key to fix.
+    """
 
     def __init__(self, cfg: KafkaConfig) -> None:
         self._cfg = cfg
         self._attempt = 0
+        self._tls_verified = False
 
     async def wait(self, what: str, exc: BaseException) -> None:
         delay = backoff_s(self._cfg, self._attempt)
@@ -50,6 +59,8 @@ class Backoff:
             delay,
         )
         await asyncio.sleep(delay)
+        if self._cfg.security.protocol in TLS_PROTOCOLS and not self._tls_verified:
+            self._tls_verified = bool(await check_tls(self._cfg))
 
 
 # -- compression ----------------------------------------------------------------------------------

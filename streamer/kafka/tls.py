@@ -5,7 +5,9 @@ error), so a wrong CA or an expired certificate would look like an outage retrie
 :func:`check_tls` shakes hands with each bootstrap server once before the clients start and
 turns certificate problems into a :class:`TlsError` that says what is wrong and which
 ``kafka.security`` key to check; a server that cannot be reached is left to the clients'
-backoff. Neither the key password nor any other secret is ever part of a message.
+backoff, which runs the check again after each wait until a server passes it (see
+:class:`streamer.kafka.client.Backoff`). Neither the key password nor any other secret is
+ever part of a message.
 """
 
 from __future__ import annotations
@@ -242,7 +244,9 @@ async def check_tls(cfg: KafkaConfig) -> list[str]:
             log.warning(
                 "TLS check: cannot reach %s (%s); the clients will retry",
                 server,
-                _reason(exc) if isinstance(exc, OSError) else "timed out",
+                f"no answer in {timeout:g}s"
+                if isinstance(exc, TimeoutError)  # an OSError too, with no reason of its own
+                else _reason(exc),
             )
             continue
         log.info("TLS to %s verified", server)

@@ -22,6 +22,7 @@ from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitio
 from aiokafka.errors import KafkaConnectionError
 
 from streamer.config import ConfigError, KafkaConfig, SecurityConfig, load_config
+from streamer.kafka import client
 from streamer.kafka.client import (
     OWN,
     check_codec,
@@ -356,3 +357,32 @@ def test_secrets_stay_out_of_the_printed_config(tmp_path: Path) -> None:
         protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER", sasl_oauth_token_file=token
     )
     assert "super-secret-token" not in sec.model_dump_json()
+
+
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SSL"])
+async def test_backoff_asks_the_tls_check_again_until_a_server_passes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, protocol: str
+) -> None:
+    answers = [[], ["broker:9093"]]  # unreachable at first, then verified
+    calls: list[str] = []
+
+    async def check(cfg: KafkaConfig) -> list[str]:
+        calls.append(cfg.bootstrap_servers)
+        return answers.pop(0)
+
+    monkeypatch.setattr(client, "check_tls", check)
+    security: dict[str, object] = {"protocol": protocol}
+    if protocol == "SSL":
+        ca = tmp_path / "ca.pem"
+        ca.write_text("unused: the check is replaced\n")
+        security["ssl_cafile"] = str(ca)
+    cfg = _kafka(
+        bootstrap_servers="broker:9093",
+        retry_backoff_ms=10,
+        max_retry_backoff_ms=10,
+        security=security,
+    )
+    backoff = client.Backoff(cfg)
+    for _ in range(4):
+        await backoff.wait("producer", KafkaConnectionError("down"))
+    assert calls == (["broker:9093"] * 2 if protocol == "SSL" else [])
