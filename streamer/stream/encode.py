@@ -46,14 +46,30 @@ class Encoder:
         out.spans.extend(spans)
         failures = inferred.failures
         frags: list[Any] = []
+        whole = False  # the fragments came from one pass over the whole batch
         if inferred.outputs is not None:
-            frags = self._fragments(inferred.outputs, loaded)
+            frags, whole = self._fragments(inferred.outputs, loaded)
         model_json = model_fragment(info)
         tracing = self._tracing.enabled
         chunks, index = batch.chunks.tolist(), batch.index.tolist()
         record_ids, traces = batch.record_ids.tolist(), batch.trace.tolist()
         tombs = set(np.flatnonzero(batch.lengths == 0).tolist())
-        out.expect([c.messages[i].key for c, i in zip(chunks, index, strict=True)])
+        keys = [c.messages[i].key for c, i in zip(chunks, index, strict=True)]
+        out.expect(keys)
+        if whole and not (tombs or failures or tracing):
+            try:  # the usual batch: every record a result, built and grouped in bulk
+                values = [
+                    result_value(
+                        rid, frag, model_json, c.tp.topic, c.tp.partition, c.messages[i].offset
+                    )
+                    for rid, frag, c, i in zip(record_ids, frags, chunks, index, strict=True)
+                ]
+            except Exception:  # the loop below finds the record and dead-letters it alone
+                values = None
+            if values is not None:
+                headers = [result_headers(t) if t is not None else [] for t in traces]
+                out.results(chunks, index, keys, values, headers)
+                return out.batches()
         for j, chunk in enumerate(chunks):
             i = index[j]
             if j in tombs:  # a delete passes through, in its place in the partition's order
@@ -88,9 +104,10 @@ class Encoder:
             out.result(chunk, i, value, headers)
         return out.batches()
 
-    def _fragments(self, outputs: Any, loaded: Any) -> list[Any]:
-        """The batch's result fragments in one pass; if that raises, row by row, so only the
-        rows that fail become :class:`EncodeFailed` (and dead letters) instead of the batch."""
+    def _fragments(self, outputs: Any, loaded: Any) -> tuple[list[Any], bool]:
+        """The batch's result fragments in one pass (and True); if that raises, row by row, so
+        only the rows that fail become :class:`EncodeFailed` (and dead letters) instead of the
+        batch (and False)."""
 
         def fragments(rows: Any) -> list[Any]:
             return result_fragments(
@@ -102,7 +119,7 @@ class Encoder:
             )
 
         try:
-            return fragments(outputs)
+            return fragments(outputs), True
         except Exception:
             out: list[Any] = []
             for j in range(len(outputs)):
@@ -110,7 +127,7 @@ class Encoder:
                     out.append(fragments(outputs[j : j + 1])[0])
                 except Exception as exc:
                     out.append(_encode_failed(exc))
-            return out
+            return out, False
 
     def _traced(self, out: Outputs, chunk: Any, i: int, context: Any) -> list:
         span = record_span(self._tracing, self._group_id, chunk, i, context)

@@ -67,20 +67,22 @@ class Outputs:
             out = None
         self._sizes[where] = (self._sizes.get(where, 0) if out is not None else 0) + size
         if out is None:
-            out = OutBatch(
-                parts.topic,
-                partition,
-                dead,
-                [],
-                [],
-                [],
-                [],
-                [],
-                [] if dead else None,
-                "" if dead else self._model,
-            )
-            self._groups[where] = out
+            out = self._groups[where] = self._new(parts.topic, partition, dead)
         return out
+
+    def _new(self, topic: str, partition: int, dead: bool) -> OutBatch:
+        return OutBatch(
+            topic,
+            partition,
+            dead,
+            [],
+            [],
+            [],
+            [],
+            [],
+            [] if dead else None,
+            "" if dead else self._model,
+        )
 
     def _over(self, where: tuple[str, int], size: int) -> bool:
         """Whether ``size`` more bytes would take the batch at ``where`` past what one record
@@ -117,13 +119,86 @@ class Outputs:
             return
         assert self._dest.results is not None
         size = (len(value) if value else 0) + (len(key) if key else 0) + 64
-        size += sum((len(v) if v else 0) + 8 for _, v in headers)
+        size += _headers_size(headers)
         out = self._group(self._dest.results, key, False, size)
         out.keys.append(key)
         out.values.append(value)
         out.headers.append(headers)
         out.chunks.append(chunk)
         out.rows.append(i)
+
+    def results(
+        self,
+        chunks: list[Chunk],
+        rows: list[int],
+        keys: list[bytes | None],
+        values: list[bytes],
+        headers: list[Headers],
+    ) -> None:
+        """Many results (no tombstones), in order: what :meth:`result` does for each, with the
+        per-record work done per partition (the encode thread runs this for every record).
+        Where the bulk path could decide differently (a result near the request limit, keys
+        and no keys mixed, a partition's records that would not all fit its batch) those
+        records go through :meth:`result` one by one, in order."""
+        n = len(values)
+        parts = self._dest.results
+        if n == 0:
+            return
+        assert parts is not None
+        if parts.topic not in self._keyless:  # as _group does: the same partitions either way
+            self._keyless[parts.topic] = parts.sticky()
+        lengths = list(map(len, values))
+        nokey = keys.count(None)
+        if max(lengths) + _SIZE_MARGIN >= self._dest.max_request_size or 0 < nokey < n:
+            for j in range(n):
+                self.result(chunks[j], rows[j], values[j], headers[j])
+            return
+        sizes = [
+            vl + (len(k) if k is not None else 0) + 64 + (_headers_size(h) if h else 0)
+            for vl, k, h in zip(lengths, keys, headers, strict=True)
+        ]
+        by: dict[int, list[int] | None] = {}  # None: every record
+        if nokey:
+            by[self._keyless[parts.topic]] = None
+        else:
+            known = self._keyed
+            partitions = [known.get(k) for k in keys]  # type: ignore[arg-type]
+            for j, p in enumerate(partitions):
+                if p is None:
+                    p = partitions[j] = parts.for_key(keys[j], 0)
+                if (idx := by.get(p)) is None:
+                    by[p] = [j]
+                else:
+                    idx.append(j)
+            if len(by) == 1:
+                by[partitions[0]] = None
+        cap = self._dest.max_request_size * 0.9
+        for partition, idx in by.items():
+            where = (parts.topic, partition)
+            out = self._groups.get(where)
+            held = self._sizes[where] if out is not None else 0
+            total = sum(sizes) if idx is None else sum([sizes[j] for j in idx])
+            count = n if idx is None else len(idx)
+            # result() closes a batch when a record after its first would take it over the cap
+            if held + total > cap and (out is not None or count > 1):
+                for j in range(n) if idx is None else idx:
+                    self.result(chunks[j], rows[j], values[j], headers[j])
+                continue
+            if out is None:
+                out = self._groups[where] = self._new(parts.topic, partition, False)
+            self._sizes[where] = held + total
+            if idx is None:
+                out.keys.extend(keys)
+                out.values.extend(values)
+                out.headers.extend(headers)
+                out.chunks.extend(chunks)
+                out.rows.extend(rows)
+            else:
+                out.keys.extend([keys[j] for j in idx])
+                out.values.extend([values[j] for j in idx])
+                out.headers.extend([headers[j] for j in idx])
+                out.chunks.extend([chunks[j] for j in idx])
+                out.rows.extend([rows[j] for j in idx])
 
     def dead_letter(
         self,
@@ -168,6 +243,10 @@ class Outputs:
             for o in outs:
                 o.spans.append(countdown)
         return outs
+
+
+def _headers_size(headers: Headers) -> int:
+    return sum((len(v) if v else 0) + 8 for _, v in headers)
 
 
 class Countdown:

@@ -15,7 +15,7 @@ from streamer.models.worker import Inferred
 from streamer.observability.tracing import Tracing
 from streamer.stream import encode as encode_module
 from streamer.stream.encode import Encoder
-from streamer.stream.outputs import Destinations
+from streamer.stream.outputs import Destinations, Outputs
 from streamer.tools.nullmodel import NullModel
 
 
@@ -81,3 +81,31 @@ def test_a_batch_whose_fragments_raise_is_retried_row_by_row(
     dead = [o for o in outs if o.dead_letters]
     assert [o.rows for o in dead] == [[batch.index[1]]]
     assert "cannot encode NaN" in dead[0].errors[0].message
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64-f16"])
+def test_a_usual_batch_is_encoded_in_bulk_as_record_by_record(
+    monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    """No tombstone, failure or tracing: the results are built and grouped in bulk; the
+    batches are those the record-by-record path makes (its reference: ``result`` per record)."""
+    batch, inferred = _batch(40)
+    for c in batch.chunks.tolist():
+        for m in c.messages:
+            m.key = b"key-%d" % (m.offset % 7)
+    cfg = load_config(None, output={"embedding_encoding": encoding})
+    encoder = Encoder(cfg, Tracing(cfg.tracing))
+
+    def placed(outs):
+        return [(o.topic, o.partition, o.keys, o.values, o.rows) for o in outs]
+
+    bulk = placed(encoder(batch, inferred, _dest(), []))
+
+    def one_by_one(self, chunks, rows, keys, values, headers):
+        for c, i, v, h in zip(chunks, rows, values, headers, strict=True):
+            self.result(c, i, v, h)
+
+    monkeypatch.setattr(Outputs, "results", one_by_one)
+    assert bulk == placed(encoder(batch, inferred, _dest(), []))
+    assert sum(len(p[2]) for p in bulk) == 40 and len(bulk) > 1
+    assert all(orjson.loads(v)["source"]["offset"] >= 0 for p in bulk for v in p[3])

@@ -356,3 +356,73 @@ def test_keyless_records_move_on_to_the_next_partition_when_their_batch_is_full(
 def test_the_next_partition_skips_unavailable_ones() -> None:
     parts = Partitions("out", [0, 1, 2, 3], [1, 3])
     assert [parts.after(p) for p in (0, 1, 2, 3)] == [1, 3, 3, 1]
+
+
+def _placed(out: Outputs) -> dict[tuple[str, int], list[tuple]]:
+    """Each topic-partition's batches, in order, as what they hold."""
+    by: dict[tuple[str, int], list[tuple]] = {}
+    for b in out.batches():
+        by.setdefault((b.topic, b.partition), []).append(
+            (b.dead_letters, b.keys, b.values, b.headers, b.rows, [c.tp for c in b.chunks])
+        )
+    return by
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_results_in_bulk_place_every_record_as_one_by_one_would(seed: int) -> None:
+    """``results`` (the encode stage's usual path) against ``result`` per record, over random
+    calls: keyed, keyless and mixed keys, values from a few bytes to past the request size,
+    trace headers, batches split at the size limit, and groups already holding records (dead
+    letters and results of the same call before it)."""
+    rng = random.Random(seed)
+    limit = rng.choice([80_000, 150_000, 1 << 20])  # above the 64 KB "cannot be too large" margin
+    n = rng.randint(1, 120)
+    kind = rng.choice(["keyed", "keyless", "mixed", "one-key"])
+    keys: list[bytes | None] = [
+        None
+        if kind == "keyless" or (kind == "mixed" and rng.random() < 0.5)
+        else (b"k" if kind == "one-key" else b"key-%d" % rng.randint(0, 30))
+        for _ in range(n)
+    ]
+    big = rng.random() < 0.2
+    values = [
+        b"v"
+        * rng.choice(
+            [rng.randint(1, 3000), rng.randint(1, limit)] if big else [rng.randint(1, 3000)]
+        )
+        for _ in range(n)
+    ]
+    headers = [
+        [("traceparent", b"00-%032x-%016x-01" % (j, j))] if rng.random() < 0.3 else []
+        for j in range(n)
+    ]
+    tps = [TopicPartition("in", 0), TopicPartition("in", 1)]
+    chunks = [chunk(keys, tp) for tp in tps]
+    which = [rng.randrange(2) for _ in range(n)]
+    before = rng.randint(0, 5)  # records of the same call already grouped
+    pre_seed = rng.random()
+    announced = rng.random() < 0.8  # the encode stage announces keys; the bulk path needs not
+
+    def run(bulk: bool) -> dict:
+        random.seed(seed)  # the sticky partition's random pick, the same for both
+        out = Outputs(dest(limit), model="m")
+        if announced:
+            out.expect(keys)
+        pre = random.Random(pre_seed)  # the same earlier records for both
+        for j in range(before):
+            if pre.random() < 0.5:
+                out.dead_letter(chunks[0], j % n, InvalidJson("no"))
+            else:
+                out.result(chunks[0], j % n, b"w" * pre.randint(1, limit // 3), [])
+        cs = [chunks[w] for w in which]
+        if bulk:
+            out.results(cs, list(range(n)), keys, values, headers)
+        else:
+            for j in range(n):
+                out.result(cs[j], j, values[j], headers[j])
+        return _placed(out)
+
+    bulk, one_by_one = run(True), run(False)
+    assert bulk == one_by_one
+    placed = sum(len(b[1]) for batches in bulk.values() for b in batches)
+    assert placed == n + before
