@@ -7,6 +7,8 @@ refused). Records are partitioned here, off the loop, as the producer would part
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -135,11 +137,10 @@ class Outputs:
         values: list[bytes],
         headers: list[Headers],
     ) -> None:
-        """Many results (no tombstones), in order: what :meth:`result` does for each, with the
-        per-record work done per partition (the encode thread runs this for every record).
-        Where the bulk path could decide differently (a result near the request limit, keys
-        and no keys mixed, a partition's records that would not all fit its batch) those
-        records go through :meth:`result` one by one, in order."""
+        """Many results (no tombstones), in order: the batches :meth:`result` would make, one
+        call each, with the per-record work done per partition and per batch instead (the
+        encode thread runs this for every record). Keys and no keys mixed in one call, or a
+        result near the request limit, go through :meth:`result` one by one."""
         n = len(values)
         parts = self._dest.results
         if n == 0:
@@ -157,48 +158,87 @@ class Outputs:
             vl + (len(k) if k is not None else 0) + 64 + (_headers_size(h) if h else 0)
             for vl, k, h in zip(lengths, keys, headers, strict=True)
         ]
-        by: dict[int, list[int] | None] = {}  # None: every record
         if nokey:
-            by[self._keyless[parts.topic]] = None
-        else:
-            known = self._keyed
-            partitions = [known.get(k) for k in keys]  # type: ignore[arg-type]
-            for j, p in enumerate(partitions):
-                if p is None:
-                    p = partitions[j] = parts.for_key(keys[j], 0)
-                if (idx := by.get(p)) is None:
-                    by[p] = [j]
-                else:
-                    idx.append(j)
-            if len(by) == 1:
-                by[partitions[0]] = None
+            self._place(parts, None, sizes, chunks, rows, keys, values, headers)
+            return
+        known = self._keyed
+        partitions = [known.get(k) for k in keys]  # type: ignore[arg-type]
+        by: dict[int, list[int]] = {}
+        for j, p in enumerate(partitions):
+            if p is None:
+                p = partitions[j] = parts.for_key(keys[j], 0)
+            if (idx := by.get(p)) is None:
+                by[p] = [j]
+            else:
+                idx.append(j)
+        if len(by) == 1:
+            self._place(parts, partitions[0], sizes, chunks, rows, keys, values, headers)
+            return
+        for p, idx in by.items():
+            self._place(
+                parts,
+                p,
+                [sizes[j] for j in idx],
+                [chunks[j] for j in idx],
+                [rows[j] for j in idx],
+                [keys[j] for j in idx],
+                [values[j] for j in idx],
+                [headers[j] for j in idx],
+            )
+
+    def _place(
+        self,
+        parts: Partitions,
+        partition: int | None,
+        sizes: list[int],
+        chunks: list[Chunk],
+        rows: list[int],
+        keys: list[bytes | None],
+        values: list[bytes],
+        headers: list[Headers],
+    ) -> None:
+        """Records for one partition (``None``: keyless, the sticky one), in order, as
+        :meth:`_group` would place them one by one: each batch takes records while they fit
+        under the cap; the record that does not fit closes it and starts the next, and keyless
+        records first move on to the next partition, once per record (KIP-480)."""
         cap = self._dest.max_request_size * 0.9
-        for partition, idx in by.items():
-            where = (parts.topic, partition)
+        keyless = partition is None
+        topic = parts.topic
+        p = self._keyless[topic] if partition is None else partition
+        cum = list(itertools.accumulate(sizes))
+        n, pos, moved = len(sizes), 0, -1
+        while pos < n:
+            where = (topic, p)
             out = self._groups.get(where)
-            held = self._sizes[where] if out is not None else 0
-            total = sum(sizes) if idx is None else sum([sizes[j] for j in idx])
-            count = n if idx is None else len(idx)
-            # result() closes a batch when a record after its first would take it over the cap
-            if held + total > cap and (out is not None or count > 1):
-                for j in range(n) if idx is None else idx:
-                    self.result(chunks[j], rows[j], values[j], headers[j])
-                continue
-            if out is None:
-                out = self._groups[where] = self._new(parts.topic, partition, False)
-            self._sizes[where] = held + total
-            if idx is None:
+            base = cum[pos - 1] if pos else 0
+            if out is not None:
+                held = self._sizes[where]
+                end = bisect.bisect_right(cum, cap - held + base, pos)
+                if end == pos:  # record pos does not fit this batch
+                    if keyless and moved != pos and len(parts.available) > 1:
+                        p = self._keyless[topic] = parts.after(p)
+                        moved = pos
+                        continue
+                    self._full.append(out)
+                    out = None
+            if out is None:  # a new batch takes its first record whatever its size
+                out = self._groups[where] = self._new(topic, p, False)
+                held = 0
+                end = bisect.bisect_right(cum, cap + base, pos + 1)
+            self._sizes[where] = held + cum[end - 1] - base
+            if pos == 0 and end == n:
                 out.keys.extend(keys)
                 out.values.extend(values)
                 out.headers.extend(headers)
                 out.chunks.extend(chunks)
                 out.rows.extend(rows)
             else:
-                out.keys.extend([keys[j] for j in idx])
-                out.values.extend([values[j] for j in idx])
-                out.headers.extend([headers[j] for j in idx])
-                out.chunks.extend([chunks[j] for j in idx])
-                out.rows.extend([rows[j] for j in idx])
+                out.keys.extend(keys[pos:end])
+                out.values.extend(values[pos:end])
+                out.headers.extend(headers[pos:end])
+                out.chunks.extend(chunks[pos:end])
+                out.rows.extend(rows[pos:end])
+            pos = end
 
     def dead_letter(
         self,

@@ -372,8 +372,9 @@ def _placed(out: Outputs) -> dict[tuple[str, int], list[tuple]]:
 def test_results_in_bulk_place_every_record_as_one_by_one_would(seed: int) -> None:
     """``results`` (the encode stage's usual path) against ``result`` per record, over random
     calls: keyed, keyless and mixed keys, values from a few bytes to past the request size,
-    trace headers, batches split at the size limit, and groups already holding records (dead
-    letters and results of the same call before it)."""
+    trace headers, batches split at the size limit, keyless records moving on, partitions
+    unavailable, and groups already holding records (dead letters and results of the same call
+    before it)."""
     rng = random.Random(seed)
     limit = rng.choice([80_000, 150_000, 1 << 20])  # above the 64 KB "cannot be too large" margin
     n = rng.randint(1, 120)
@@ -401,11 +402,14 @@ def test_results_in_bulk_place_every_record_as_one_by_one_would(seed: int) -> No
     which = [rng.randrange(2) for _ in range(n)]
     before = rng.randint(0, 5)  # records of the same call already grouped
     pre_seed = rng.random()
+    results = rng.choice(  # all available, some not (keyless skip those), a single one
+        [RESULTS, Partitions("out", [0, 1, 2, 3], [1, 3]), Partitions("out", [0], [0])]
+    )
     announced = rng.random() < 0.8  # the encode stage announces keys; the bulk path needs not
 
     def run(bulk: bool) -> dict:
         random.seed(seed)  # the sticky partition's random pick, the same for both
-        out = Outputs(dest(limit), model="m")
+        out = Outputs(Destinations(results, DLQ, limit), model="m")
         if announced:
             out.expect(keys)
         pre = random.Random(pre_seed)  # the same earlier records for both
