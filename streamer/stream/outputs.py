@@ -158,8 +158,9 @@ class Outputs:
             vl + (len(k) if k is not None else 0) + 64 + (_headers_size(h) if h else 0)
             for vl, k, h in zip(lengths, keys, headers, strict=True)
         ]
+        columns = (keys, values, headers, chunks, rows)  # an OutBatch's, in _columns order
         if nokey:
-            self._place(parts, None, sizes, chunks, rows, keys, values, headers)
+            self._place(parts, None, sizes, columns)
             return
         known = self._keyed
         partitions = [known.get(k) for k in keys]  # type: ignore[arg-type]
@@ -172,32 +173,17 @@ class Outputs:
             else:
                 idx.append(j)
         if len(by) == 1:
-            self._place(parts, partitions[0], sizes, chunks, rows, keys, values, headers)
+            self._place(parts, partitions[0], sizes, columns)
             return
         for p, idx in by.items():
-            self._place(
-                parts,
-                p,
-                [sizes[j] for j in idx],
-                [chunks[j] for j in idx],
-                [rows[j] for j in idx],
-                [keys[j] for j in idx],
-                [values[j] for j in idx],
-                [headers[j] for j in idx],
-            )
+            picked = tuple([column[j] for j in idx] for column in columns)
+            self._place(parts, p, [sizes[j] for j in idx], picked)
 
     def _place(
-        self,
-        parts: Partitions,
-        partition: int | None,
-        sizes: list[int],
-        chunks: list[Chunk],
-        rows: list[int],
-        keys: list[bytes | None],
-        values: list[bytes],
-        headers: list[Headers],
+        self, parts: Partitions, partition: int | None, sizes: list[int], columns: tuple[list, ...]
     ) -> None:
-        """Records for one partition (``None``: keyless, the sticky one), in order, as
+        """Records (``columns``: keys, values, headers, chunks, rows) for one partition
+        (``None``: keyless, the sticky one), in order, as
         :meth:`_group` would place them one by one: each batch takes records while they fit
         under the cap; the record that does not fit closes it and starts the next, and keyless
         records first move on to the next partition, once per record (KIP-480)."""
@@ -226,18 +212,9 @@ class Outputs:
                 held = 0
                 end = bisect.bisect_right(cum, cap + base, pos + 1)
             self._sizes[where] = held + cum[end - 1] - base
-            if pos == 0 and end == n:
-                out.keys.extend(keys)
-                out.values.extend(values)
-                out.headers.extend(headers)
-                out.chunks.extend(chunks)
-                out.rows.extend(rows)
-            else:
-                out.keys.extend(keys[pos:end])
-                out.values.extend(values[pos:end])
-                out.headers.extend(headers[pos:end])
-                out.chunks.extend(chunks[pos:end])
-                out.rows.extend(rows[pos:end])
+            whole = pos == 0 and end == n
+            for into, column in zip(_columns(out), columns, strict=True):
+                into.extend(column if whole else column[pos:end])
             pos = end
 
     def dead_letter(
@@ -283,6 +260,10 @@ class Outputs:
             for o in outs:
                 o.spans.append(countdown)
         return outs
+
+
+def _columns(out: OutBatch) -> tuple[list, ...]:
+    return out.keys, out.values, out.headers, out.chunks, out.rows
 
 
 def _headers_size(headers: Headers) -> int:
