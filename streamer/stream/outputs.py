@@ -45,10 +45,15 @@ class Outputs:
         self._keyed: dict[bytes, int] = {}  # result keys' partitions, hashed together
         self.spans: list[Any] = []  # ended once every batch of this call is acknowledged
 
-    def _group(self, parts: Partitions, key: bytes | None, dead: bool, size: int) -> OutBatch:
+    def _sticky(self, parts: Partitions) -> int:
+        """Where this call's keyless records for ``parts.topic`` go (picked on first use)."""
         keyless = self._keyless.get(parts.topic)
         if keyless is None:
             keyless = self._keyless[parts.topic] = parts.sticky()
+        return keyless
+
+    def _group(self, parts: Partitions, key: bytes | None, dead: bool, size: int) -> OutBatch:
+        keyless = self._sticky(parts)
         if key is None:
             partition = keyless
         elif (known := self._keyed.get(key)) is not None and parts is self._dest.results:
@@ -146,8 +151,7 @@ class Outputs:
         if n == 0:
             return
         assert parts is not None
-        if parts.topic not in self._keyless:  # as _group does: the same partitions either way
-            self._keyless[parts.topic] = parts.sticky()
+        self._sticky(parts)  # picked now, keyed or not, as _group does
         lengths = list(map(len, values))
         nokey = keys.count(None)
         if max(lengths) + _SIZE_MARGIN >= self._dest.max_request_size or 0 < nokey < n:
@@ -190,7 +194,7 @@ class Outputs:
         cap = self._dest.max_request_size * 0.9
         keyless = partition is None
         topic = parts.topic
-        p = self._keyless[topic] if partition is None else partition
+        p = self._sticky(parts) if partition is None else partition
         cum = list(itertools.accumulate(sizes))
         n, pos, moved = len(sizes), 0, -1
         while pos < n:
